@@ -1,0 +1,136 @@
+"""The one seam between NumPy and CuPy.
+
+Every other module takes its array module from the arrays it is given::
+
+    xp = array_module(x)          # numpy or cupy, whichever owns x
+
+and creates new arrays on a backend chosen by name with :func:`get_xp`.
+CuPy is imported here, lazily, and nowhere else.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "MecrefError", "BackendUnavailableError", "BACKENDS",
+    "get_xp", "array_module", "backend_name", "to_host", "to_backend",
+    "cupy_usable", "default_dtype",
+]
+
+BACKENDS = ("numpy", "cupy")
+
+_INSTALL_HINT = (
+    "install the GPU extra with `pip install 'mecref[gpu]'` (CuPy for CUDA 12; "
+    "use cupy-cuda13x for CUDA 13) on a machine with an NVIDIA GPU and driver, "
+    "or use backend='numpy'"
+)
+
+
+class MecrefError(ValueError):
+    """Base class of mecref's own errors (a ValueError: bad input or state)."""
+
+
+class BackendUnavailableError(MecrefError, RuntimeError):
+    """backend='cupy' was asked for, but CuPy or a usable CUDA device is missing."""
+
+
+_cupy_state: dict = {}
+
+
+def _import_cupy():
+    """Import CuPy and check that a CUDA device is usable; cache the verdict."""
+    if "module" in _cupy_state:
+        return _cupy_state["module"]
+    if "error" in _cupy_state:
+        raise BackendUnavailableError(_cupy_state["error"])
+    try:
+        import cupy  # the only import of cupy in mecref
+    except Exception as exc:  # ImportError, or a broken CUDA library underneath
+        msg = f"backend='cupy' needs CuPy, which could not be imported ({exc!r}); {_INSTALL_HINT}"
+        _cupy_state["error"] = msg
+        raise BackendUnavailableError(msg) from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            raise RuntimeError("no CUDA device found")
+        cupy.zeros(1).sum().item()  # touches the driver and the kernel compiler
+    except Exception as exc:
+        msg = (f"backend='cupy': CuPy {cupy.__version__} is installed but no CUDA device is "
+               f"usable ({type(exc).__name__}: {exc}); {_INSTALL_HINT}")
+        _cupy_state["error"] = msg
+        raise BackendUnavailableError(msg) from None
+    _cupy_state["module"] = cupy
+    return cupy
+
+
+def cupy_usable() -> bool:
+    """True when backend='cupy' would work here (CuPy imports and a GPU answers)."""
+    try:
+        _import_cupy()
+        return True
+    except BackendUnavailableError:
+        return False
+
+
+def get_xp(backend: str = "numpy"):
+    """Array module for a backend name: ``numpy`` or ``cupy``.
+
+    Raises
+    ------
+    ValueError
+        for an unknown name.
+    BackendUnavailableError
+        for ``"cupy"`` where CuPy or a CUDA device is missing; the message says which and how
+        to install it.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise MecrefError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "numpy":
+        return np
+    return _import_cupy()
+
+
+def array_module(*arrays):
+    """The array module (numpy or cupy) that owns the given arrays.
+
+    Plain Python numbers and NumPy arrays give numpy. Mixing host and device arrays is an
+    error: move them with :func:`to_backend` first.
+    """
+    mods = set()
+    for a in arrays:
+        mod = type(a).__module__.split(".")[0]
+        if mod == "cupy":
+            mods.add("cupy")
+        elif a is not None:
+            mods.add("numpy")
+    if "cupy" in mods:
+        if len(mods) > 1 and any(isinstance(a, np.ndarray) for a in arrays):
+            raise MecrefError("arrays live on different backends (numpy and cupy); "
+                              "move them with mecref.backend.to_backend first")
+        return _import_cupy()
+    return np
+
+
+def backend_name(xp) -> str:
+    """'numpy' or 'cupy' for an array module."""
+    return "numpy" if xp is np else "cupy"
+
+
+def to_host(a):
+    """A NumPy copy (or view) of an array from either backend; numbers pass through."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        return a.get()
+    return a
+
+
+def to_backend(a, backend: str = "numpy", dtype=None):
+    """Move an array to the named backend (a no-op when it is already there)."""
+    xp = get_xp(backend)
+    if xp is np:
+        return np.asarray(to_host(a), dtype=dtype)
+    return xp.asarray(a, dtype=dtype)
+
+
+def default_dtype():
+    """Training dtype: float32 (derivation checks in the tests use float64)."""
+    return np.float32
