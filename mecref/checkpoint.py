@@ -1,0 +1,117 @@
+"""Checkpoints: model parameters and buffers, optimiser state and the run's progress in one
+``.npz`` file, written atomically (temporary file, flush, fsync, rename), with the run's
+configuration as JSON inside it and beside it (``<name>.json``, for people to read).
+
+A checkpoint that is truncated, corrupt, or made for another configuration is refused with a
+:class:`CheckpointError` before anything is loaded into the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .backend import MecrefError
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_META = "__meta__"
+
+
+class CheckpointError(MecrefError):
+    """A checkpoint could not be read, or does not fit the run that asked for it."""
+
+
+def save_checkpoint(path, model_state: dict, optim_state: dict | None, meta: dict) -> Path:
+    """Write a checkpoint atomically and return its path.
+
+    Parameters
+    ----------
+    path : str or Path
+        Target ``.npz`` file; its folder is created.
+    model_state : dict[str, ndarray]
+        ``model.state_dict()`` (host arrays).
+    optim_state : dict[str, ndarray] or None
+        ``optimizer.state_dict()`` (host arrays).
+    meta : dict
+        JSON-serialisable: the run config, epoch, step, history.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"model/{k}": np.asarray(v) for k, v in model_state.items()}
+    for k, v in (optim_state or {}).items():
+        arrays[f"optim/{k}"] = np.asarray(v)
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    text = json.dumps(meta, indent=1, sort_keys=True, default=_json_default)
+    arrays[_META] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _write_text_atomic(path.with_suffix(".json"), text)
+    return path
+
+
+def load_checkpoint(path, expect_config: dict | None = None, keys=("model_config",)):
+    """Read a checkpoint; return ``(model_state, optim_state, meta)`` as host arrays.
+
+    Everything is read and checked before it is returned, so a failure never leaves a model
+    half-loaded. With ``expect_config``, each entry named in ``keys`` must equal the same entry
+    of the checkpoint's meta, or :class:`CheckpointError` says which differ.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt "
+                              f"({type(exc).__name__}: {exc})") from None
+    if _META not in data:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no metadata: not a mecref checkpoint")
+    try:
+        meta = json.loads(data.pop(_META).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: unreadable metadata ({exc})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version "
+                              f"{meta.get('format_version')!r}, this mecref reads {FORMAT_VERSION}")
+    if expect_config is not None:
+        diffs = [k for k in keys if meta.get(k) != expect_config.get(k)]
+        if diffs:
+            detail = "; ".join(f"{k}: checkpoint {meta.get(k)!r} vs run {expect_config.get(k)!r}"
+                               for k in diffs)
+            raise CheckpointError(f"checkpoint {str(path)!r} was made for another configuration ({detail})")
+    model_state = {k[len("model/"):]: v for k, v in data.items() if k.startswith("model/")}
+    optim_state = {k[len("optim/"):]: v for k, v in data.items() if k.startswith("optim/")}
+    return model_state, optim_state, meta
+
+
+def _write_text_atomic(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")

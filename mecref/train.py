@@ -1,0 +1,356 @@
+"""The MEC-Quant training loop (docs/derivations.md, section T1).
+
+    loss = CE(f_q([x1; x2]), [y; y])  +  beta * L_reg(Z1, Z2)
+
+f_q is the (fake-)quantized small CNN; x1, x2 two augmented views of the batch, run as one
+concatenated batch; Z1, Z2 the penultimate features of the two views (l2-normalised inside the
+entropy functions); L_reg one of
+
+- ``"mec"``:        mec_loss(Z1, Z2, eps) / m                  (exact, -mu logdet(I + C) / m)
+- ``"mec_taylor"``: mec_loss(Z1, Z2, eps, order) / m           (order-n Taylor form)
+- ``"moe"``:        -(L_moe(Z1) + L_moe(Z2)) / (2 m)           (mixture-of-experts coding length)
+
+each a quantity to minimise that maximises the coding length (entropy) of the features.
+Every gradient is closed form: no autodiff anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import data as mdata
+from . import entropy, losses, nn, optim
+from .backend import MecrefError, array_module, backend_name, get_xp, to_host
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .validate import check_bits, check_choice, check_int, check_positive
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "train_small_cnn",
+           "evaluate", "QUANTIZERS", "REGULARIZERS"]
+
+QUANTIZERS = ("fp32", "ste", "dorefa_pact", "lsq", "lsqplus")
+REGULARIZERS = (None, "mec", "mec_taylor", "moe")
+
+
+class TrainingDivergedError(MecrefError, FloatingPointError):
+    """The loss or a gradient became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; ``TrainConfig(**result.config)`` rebuilds it."""
+    quantizer: str = "lsq"          # one of QUANTIZERS; "fp32" trains full precision
+    w_bits: int = 2                 # weight bits of the inner layers (1..8)
+    a_bits: int = 2                 # activation bits of the inner layers (1..8)
+    first_last_bits: int = 8        # bits of the first conv and the last linear (32 = FP)
+    reg: str | None = "mec"         # one of REGULARIZERS
+    reg_weight: float = 0.5         # beta
+    eps: float = 0.5                # distortion epsilon (not squared) of the coding length
+    order: int = 4                  # Taylor order for reg="mec_taylor"
+    experts: int = 4                # K for reg="moe"
+    epochs: int = 6
+    batch_size: int = 128           # images per view; the network sees 2 * batch_size
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    dataset: str = "bundled"        # "bundled" | "fashion-mnist" | "idx"
+    data_dir: str | None = None
+    val_size: int = 0               # images held out of train for choosing hyperparameters
+    train_limit: int | None = None  # use only the first n training images (smoke runs)
+    seed: int = 0
+    backend: str = "numpy"
+    width: tuple = (16, 32, 64)
+    init_from: str | None = None    # FP32 checkpoint to start QAT from
+
+    def validate(self):
+        check_choice("quantizer", self.quantizer, QUANTIZERS)
+        check_choice("reg", self.reg, REGULARIZERS)
+        if self.quantizer != "fp32":
+            check_bits("w_bits", self.w_bits)
+            check_bits("a_bits", self.a_bits)
+        check_bits("first_last_bits", self.first_last_bits, allowed=list(range(1, 9)) + [32])
+        check_positive("reg_weight", self.reg_weight, allow_zero=True)
+        check_positive("eps", self.eps)
+        check_int("order", self.order, 1, 64)
+        check_int("experts", self.experts, 1, 64)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 2)
+        check_positive("lr", self.lr)
+        if not 0.0 <= float(self.momentum) < 1.0:
+            raise MecrefError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
+        check_int("val_size", self.val_size, 0)
+        if self.train_limit is not None:
+            check_int("train_limit", self.train_limit, 1)
+        check_int("seed", self.seed, 0)
+        get_xp(self.backend)
+        if (not isinstance(self.width, (tuple, list)) or len(self.width) != 3
+                or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.width)):
+            raise MecrefError(f"width must be three positive ints, got {self.width!r}")
+        self.width = tuple(int(w) for w in self.width)
+        return self
+
+    def model_config(self) -> dict:
+        fp = self.quantizer == "fp32"
+        return dict(quantizer=None if fp else self.quantizer,
+                    w_bits=32 if fp else int(self.w_bits), a_bits=32 if fp else int(self.a_bits),
+                    first_last_bits=32 if fp else int(self.first_last_bits),
+                    width=list(self.width), num_classes=10)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["width"] = list(self.width)
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: its config, per-epoch history, final accuracies and the model."""
+    config: dict
+    history: list
+    test_acc: float
+    val_acc: float | None
+    model: object = field(repr=False)
+    checkpoint: str | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """A Markdown table of the per-epoch history."""
+        cols = ["epoch", "loss", "ce", "reg", "train_acc", "val_acc", "test_acc", "seconds", "samples_per_s"]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for h in self.history:
+            cells = []
+            for c in cols:
+                v = h.get(c)
+                cells.append("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def train_small_cnn(config: TrainConfig | None = None, *, progress=True, checkpoint_dir=None,
+                    resume=False, dataset: "mdata.Dataset | None" = None, **overrides) -> TrainResult:
+    """Train the small CNN with quantization-aware training and an entropy regulariser.
+
+    ``train_small_cnn(w_bits=2, a_bits=2, quantizer="lsq", reg="mec")``; any
+    :class:`TrainConfig` field can be passed by name. With ``checkpoint_dir`` a checkpoint is
+    written atomically after every epoch (``last.npz``); with ``resume=True`` a run picks up
+    from it and ends with the same parameters as an uninterrupted run (NumPy backend).
+
+    Returns
+    -------
+    TrainResult
+    """
+    if config is None:
+        config = TrainConfig()
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"train_small_cnn got unknown arguments {sorted(unknown)}")
+    cfg = dataclasses.replace(config, **overrides).validate()
+    xp = get_xp(cfg.backend)
+    report = _Progress(progress)
+
+    ds = dataset if dataset is not None else mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+    x_train, y_train = ds.x_train, ds.y_train
+    x_val = y_val = None
+    if cfg.val_size:
+        (x_train, y_train), (x_val, y_val) = mdata.train_val_split(ds, cfg.val_size, seed=cfg.seed)
+    if cfg.train_limit is not None:
+        x_train, y_train = x_train[:cfg.train_limit], y_train[:cfg.train_limit]
+    if cfg.batch_size > len(x_train):
+        raise MecrefError(f"batch_size ({cfg.batch_size}) is larger than the training data "
+                          f"({len(x_train)} images)")
+
+    model = nn.small_cnn(**cfg.model_config(), backend=cfg.backend, seed=cfg.seed)
+    opt = optim.SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(x_train) // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    run_meta = dict(config=cfg.as_dict(), model_config=model.config)
+    ckpt_path = Path(checkpoint_dir) / "last.npz" if checkpoint_dir is not None else None
+    history, start_epoch, step = [], 0, 0
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        m_state, o_state, meta = load_checkpoint(ckpt_path, expect_config=run_meta,
+                                                 keys=("config", "model_config"))
+        model.load_state_dict(m_state)
+        opt.load_state_dict(o_state)
+        history, start_epoch, step = meta["history"], meta["epoch"], meta["step"]
+        report.line(f"resumed from {ckpt_path} after epoch {start_epoch}")
+    elif cfg.init_from:
+        _load_fp_weights(model, cfg.init_from)
+
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch])  # one stream per epoch: resumable
+        t0 = time.perf_counter()
+        sums = dict(loss=0.0, ce=0.0, reg=0.0, correct=0, seen=0)
+        batches = mdata.iterate_batches(x_train, y_train, cfg.batch_size, rng, shuffle=True,
+                                        drop_last=True, backend=cfg.backend)
+        for i, (xb, yb) in enumerate(batches):
+            opt.lr = optim.cosine_lr(step, total_steps, cfg.lr, warmup_steps)
+            parts = train_step(model, opt, xb, yb, rng, cfg, step)
+            step += 1
+            for k in ("loss", "ce", "reg"):
+                sums[k] += parts[k]
+            sums["correct"] += parts["correct"]
+            sums["seen"] += parts["seen"]
+            report.step(epoch, cfg.epochs, i + 1, steps_per_epoch, sums, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        n = max(i + 1, 1)
+        row = dict(epoch=epoch + 1, loss=sums["loss"] / n, ce=sums["ce"] / n, reg=sums["reg"] / n,
+                   train_acc=sums["correct"] / max(sums["seen"], 1),
+                   val_acc=evaluate(model, x_val, y_val) if x_val is not None else None,
+                   test_acc=evaluate(model, ds.x_test, ds.y_test), lr=float(opt.lr),
+                   seconds=seconds, samples_per_s=sums["seen"] / seconds)
+        history.append(row)
+        report.epoch_end(row, cfg.epochs)
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, model.state_dict(), opt.state_dict(),
+                            dict(run_meta, epoch=epoch + 1, step=step, history=history))
+    last = history[-1]
+    result = TrainResult(config=cfg.as_dict(), history=history, test_acc=last["test_acc"],
+                         val_acc=last["val_acc"], model=model,
+                         checkpoint=str(ckpt_path) if ckpt_path else None,
+                         seconds=time.perf_counter() - t_run)
+    report.close()
+    return result
+
+
+def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
+    """One step: two views forward, CE + beta * L_reg, closed-form backward, SGD update."""
+    xp = array_module(xb)
+    B = xb.shape[0]
+    x1, x2 = mdata.two_views(xb, rng)
+    x = xp.concatenate([x1, x2], axis=0)
+    y = xp.concatenate([yb, yb], axis=0)
+    logits, feats = model.forward(x, train=True)
+    ce, ce_cache = losses.softmax_cross_entropy(logits, y)
+    reg_value, dfeats = _regularizer(feats, B, cfg)
+    loss = float(ce) + cfg.reg_weight * reg_value
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(f"loss is {loss} at step {step} (ce={float(ce)}, "
+                                    f"reg={reg_value}); the last good checkpoint is kept")
+    dlogits = losses.softmax_cross_entropy_backward(ce_cache, 1.0)
+    model.backward(dlogits, dfeats)
+    _check_grads(model, step)
+    opt.step()
+    correct = int(to_host((logits.argmax(axis=1) == y).sum()))
+    return dict(loss=loss, ce=float(ce), reg=reg_value, correct=correct, seen=int(2 * B))
+
+
+def _regularizer(feats, B, cfg: TrainConfig):
+    """beta * L_reg and its gradient w.r.t. the (2B, d) penultimate features."""
+    if cfg.reg is None or cfg.reg_weight == 0.0:
+        return 0.0, None
+    xp = array_module(feats)
+    Z1, Z2 = feats[:B], feats[B:]
+    beta = cfg.reg_weight
+    if cfg.reg in ("mec", "mec_taylor"):
+        order = None if cfg.reg == "mec" else cfg.order
+        L, cache = entropy.mec_loss(Z1, Z2, cfg.eps, order=order)
+        dZ1, dZ2 = entropy.mec_loss_backward(cache, beta / B)
+        value = float(L) / B
+    else:  # "moe": maximise the coding length of each view
+        L1, c1 = entropy.moe_coding_length(Z1, cfg.eps, experts=cfg.experts)
+        L2, c2 = entropy.moe_coding_length(Z2, cfg.eps, experts=cfg.experts)
+        dZ1 = entropy.moe_coding_length_backward(c1, -beta / (2 * B))[0]
+        dZ2 = entropy.moe_coding_length_backward(c2, -beta / (2 * B))[0]
+        value = -(float(L1) + float(L2)) / (2 * B)
+    return value, xp.concatenate([dZ1, dZ2], axis=0).astype(feats.dtype, copy=False)
+
+
+def _check_grads(model, step):
+    """Stop on a non-finite gradient, naming the parameter (one host sync per step)."""
+    named = list(model.named_params())
+    xp = array_module(named[0][1].grads[named[0][2]])
+    total = sum(xp.sum(layer.grads[key] * layer.grads[key]) for _, layer, key in named)
+    if bool(xp.isfinite(total)):
+        return
+    for name, layer, key in named:
+        if not bool(xp.isfinite(layer.grads[key]).all()):
+            raise TrainingDivergedError(f"non-finite gradient in {name} at step {step}; "
+                                        "the last good checkpoint is kept")
+    raise TrainingDivergedError(f"gradient norm overflowed at step {step}")
+
+
+def evaluate(model, x_uint8, y, batch_size: int = 1000) -> float:
+    """Test accuracy of a model (eval mode) on uint8 images and integer labels."""
+    correct = 0
+    backend = _model_backend(model)
+    for xb, yb in mdata.iterate_batches(x_uint8, y, min(batch_size, len(x_uint8)), None,
+                                        shuffle=False, drop_last=False, backend=backend):
+        logits, _ = model.forward(xb, train=False)
+        correct += int(to_host((logits.argmax(axis=1) == yb).sum()))
+    return correct / len(x_uint8)
+
+
+def _model_backend(model) -> str:
+    """'numpy' or 'cupy': where the model's parameters live."""
+    _, layer, key = next(iter(model.named_params()))
+    return backend_name(array_module(layer.params[key]))
+
+
+def _load_fp_weights(model, path):
+    """Start QAT from an FP32 checkpoint: copy every entry both models share (weights,
+    biases, BatchNorm); quantizer parameters keep their data-driven initialisation."""
+    fp_state, _, meta = load_checkpoint(path)
+    own = model.state_dict()
+    if meta["model_config"]["width"] != model.config["width"]:
+        raise CheckpointError(f"init_from {str(path)!r}: width {meta['model_config']['width']} "
+                              f"differs from this model's {model.config['width']}")
+    shared = {k: v for k, v in fp_state.items() if k in own}
+    missing = [k for k in fp_state if k not in own]
+    if missing or not shared:
+        raise CheckpointError(f"init_from {str(path)!r} does not fit this model "
+                              f"(entries it lacks: {missing[:5]})")
+    for k, v in shared.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"init_from {str(path)!r}: {k} has shape {v.shape}, "
+                                  f"model expects {own[k].shape}")
+    own.update(shared)
+    model.load_state_dict(own)
+
+
+class _Progress:
+    """A one-line progress bar per epoch on stderr (or a callable, or nothing)."""
+
+    def __init__(self, progress):
+        self.fn = progress if callable(progress) else None
+        self.on = bool(progress) and self.fn is None
+        self.tty = self.on and sys.stderr.isatty()
+        self._last = 0.0
+
+    def line(self, text):
+        if self.on:
+            print(text, file=sys.stderr, flush=True)
+
+    def step(self, epoch, epochs, i, n, sums, elapsed):
+        if not self.tty or (time.perf_counter() - self._last < 0.2 and i < n):
+            return
+        self._last = time.perf_counter()
+        bar = "#" * int(20 * i / n) + "." * (20 - int(20 * i / n))
+        print(f"\repoch {epoch + 1}/{epochs} [{bar}] {i}/{n} loss {sums['loss'] / i:.4f} "
+              f"acc {sums['correct'] / max(sums['seen'], 1):.3f} "
+              f"{sums['seen'] / max(elapsed, 1e-9):.0f} samples/s", end="", file=sys.stderr, flush=True)
+
+    def epoch_end(self, row, epochs):
+        if self.fn is not None:
+            self.fn(row)
+        if not self.on:
+            return
+        val = f" val {row['val_acc']:.4f}" if row["val_acc"] is not None else ""
+        print(("\r" if self.tty else "") +
+              f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} (ce {row['ce']:.4f} reg "
+              f"{row['reg']:.4f}) train {row['train_acc']:.4f}{val} test {row['test_acc']:.4f} "
+              f"{row['seconds']:.1f}s {row['samples_per_s']:.0f} samples/s",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
