@@ -210,10 +210,10 @@ def train_small_cnn(config: TrainConfig | None = None, *, progress=True, checkpo
                    test_acc=evaluate(model, ds.x_test, ds.y_test), lr=float(opt.lr),
                    seconds=seconds, samples_per_s=sums["seen"] / seconds)
         history.append(row)
-        report.epoch_end(row, cfg.epochs)
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, model.state_dict(), opt.state_dict(),
                             dict(run_meta, epoch=epoch + 1, step=step, history=history))
+        report.epoch_end(row, cfg.epochs)
     last = history[-1]
     result = TrainResult(config=cfg.as_dict(), history=history, test_acc=last["test_acc"],
                          val_acc=last["val_acc"], model=model,
