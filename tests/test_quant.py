@@ -1,0 +1,497 @@
+"""Fake quantizers (mecref.quant): gradients against float64 central differences of the
+surrogate each straight-through rule defines (docs/derivations.md Q1-Q9), grid properties,
+init rules, float32 preservation, argument errors, and the NumPy/CuPy seam."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mecref.backend import MecrefError, to_backend, to_host
+from mecref.quant import (
+    dorefa_act_quantize, dorefa_act_quantize_backward,
+    dorefa_weight_quantize, dorefa_weight_quantize_backward,
+    lsq_init_step, lsq_quantize, lsq_quantize_backward,
+    lsqplus_init, lsqplus_quantize, lsqplus_quantize_backward,
+    pact_quantize, pact_quantize_backward,
+    qrange, ste_quantize, ste_quantize_backward,
+)
+
+bits_st = st.integers(1, 8)
+seed_st = st.integers(0, 2**32 - 1)
+shape_st = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
+scale_st = st.floats(-3.0, 2.0).map(lambda e: 10.0 ** e)
+
+
+# ----------------------------------------------------------------------------- helpers
+def expected_range(bits, signed):
+    """(Qn, Qp) written out from the definition (Q1), independent of qrange."""
+    if not signed:
+        return 0, 2**bits - 1
+    if bits == 1:
+        return -1, 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def reference_codes(v, Qn, Qp, binary):
+    """Codes of v = x/s from the definition: sign (sign(0)=+1) or clip(round(v))."""
+    if binary:
+        return np.where(v >= 0, 1.0, -1.0)
+    return np.clip(np.round(v), Qn, Qp)
+
+
+def safe_v(rng, shape, Qn, Qp, margin=0.1):
+    """v = k + r with k an integer in [Qn-2, Qp+2] and margin <= |r| <= 0.4: at least `margin`
+    from every rounding boundary (half-integers; 0 for the binary sign) and clip edge."""
+    k = rng.integers(Qn - 2, Qp + 3, size=shape)
+    r = rng.uniform(margin, 0.4, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+    return k + r
+
+
+def make_step(rng, shape, scale, per_channel):
+    """A positive step: a Python float, or (C, 1, ..., 1) per output channel."""
+    if not per_channel:
+        return float(scale * math.exp(rng.uniform(-1, 1)))
+    sshape = (shape[0],) + (1,) * (len(shape) - 1)
+    return scale * np.exp(rng.uniform(-1, 1, size=sshape))
+
+
+def fd_elementwise(f, x, h):
+    """Central difference of an elementwise function, per element (h may be an array)."""
+    return (f(x + h) - f(x - h)) / (2 * h)
+
+
+def fd_param(loss, p, rel=1e-6):
+    """Central difference of a scalar loss in each entry of a parameter (float or array)."""
+    p = np.asarray(p, dtype=np.float64)
+    grad = np.zeros_like(p)
+    for i in np.ndindex(p.shape):
+        h = rel * max(1.0, abs(p[i]))
+        pp, pm = p.copy(), p.copy()
+        pp[i] += h
+        pm[i] -= h
+        grad[i] = (loss(pp) - loss(pm)) / (2 * h)
+    return grad
+
+
+def n_per_step(shape, s):
+    """Elements of x that share one step value (Q3)."""
+    return int(np.prod(shape)) // int(np.size(s))
+
+
+# ----------------------------------------------------------------------------- Q1 range
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_qrange(bits, signed):
+    Qn, Qp = qrange(bits, signed)
+    assert (Qn, Qp) == expected_range(bits, signed)
+    levels = 2 if (signed and bits == 1) else Qp - Qn + 1
+    assert levels == 2**bits                      # b bits give 2^b levels, binary included
+
+
+# ----------------------------------------------------------------------------- Q2 STE
+@given(shape=shape_st, bits=bits_st, signed=st.booleans(), scale=scale_st,
+       per_channel=st.booleans(), seed=seed_st)
+def test_ste_backward_matches_fd_of_surrogate(shape, bits, signed, scale, per_channel, seed):
+    rng = np.random.default_rng(seed)
+    Qn, Qp = expected_range(bits, signed)
+    s = make_step(rng, shape, scale, per_channel)
+    x = safe_v(rng, shape, Qn, Qp) * s
+    dy = rng.normal(size=shape)
+    _, cache = ste_quantize(x, s, bits, signed=signed)
+    dx = ste_quantize_backward(cache, dy)
+    surrogate = lambda z: s * np.clip(z / s, Qn, Qp)       # round taken as identity
+    np.testing.assert_allclose(dx, dy * fd_elementwise(surrogate, x, 1e-6 * s * np.ones(shape)),
+                               rtol=1e-6, atol=1e-9)
+
+
+@given(shape=shape_st, bits=bits_st, signed=st.booleans(), scale=scale_st,
+       per_channel=st.booleans(), seed=seed_st)
+def test_ste_forward_properties(shape, bits, signed, scale, per_channel, seed):
+    rng = np.random.default_rng(seed)
+    Qn, Qp = expected_range(bits, signed)
+    binary = signed and bits == 1
+    s = make_step(rng, shape, scale, per_channel)
+    x = rng.uniform(Qn - 3, Qp + 3, size=shape) * s
+    y, cache = ste_quantize(x, s, bits, signed=signed)
+    code = y / s
+    # on the grid, inside the range
+    np.testing.assert_allclose(code, np.round(code), atol=1e-9)
+    assert code.min() >= Qn - 1e-9 and code.max() <= Qp + 1e-9
+    if binary:
+        assert set(np.unique(np.round(code))) <= {-1.0, 1.0}
+    # equal to the definition (random x hits no exact tie)
+    np.testing.assert_allclose(y, s * reference_codes(x / s, Qn, Qp, binary), rtol=1e-12)
+    # idempotent
+    y2, _ = ste_quantize(y, s, bits, signed=signed)
+    np.testing.assert_array_equal(y2, y)
+    # error at most half a level spacing inside the range (the binary spacing is 2s)
+    inside = (x >= Qn * s) & (x <= Qp * s)
+    half = (1.0 if binary else 0.5) * s * np.ones(shape)
+    assert np.all(np.abs(x - y)[inside] <= half[inside] * (1 + 1e-12))
+    # zero input gradient outside
+    dx = ste_quantize_backward(cache, np.ones(shape))
+    np.testing.assert_array_equal(dx, inside.astype(float))
+
+
+@pytest.mark.parametrize("bits, signed", [(1, True), (2, True), (3, False), (8, True)])
+def test_ste_mask_includes_the_clip_edges(bits, signed):
+    """Q2: the STE passes the gradient on the closed range [Qn s, Qp s]."""
+    Qn, Qp = expected_range(bits, signed)
+    s = 0.125                                   # a power of two: x/s is exact
+    x = np.array([Qn * s - s / 16, Qn * s, Qp * s, Qp * s + s / 16])
+    _, cache = ste_quantize(x, s, bits, signed=signed)
+    np.testing.assert_array_equal(ste_quantize_backward(cache, np.ones(4)), [0, 1, 1, 0])
+    _, cache = lsq_quantize(x, s, bits, signed=signed, grad_scale=1.0)
+    dx, _ = lsq_quantize_backward(cache, np.ones(4))
+    np.testing.assert_array_equal(dx, [0, 1, 1, 0])
+
+
+def test_binary_sign_of_zero_is_plus():
+    x = np.array([-0.5, -0.0, 0.0, 1e-30, 0.7])
+    y, _ = ste_quantize(x, 0.25, 1, signed=True)
+    np.testing.assert_array_equal(y, [-0.25, 0.25, 0.25, 0.25, 0.25])
+
+
+# ----------------------------------------------------------------------------- Q3 LSQ
+@given(shape=shape_st, bits=bits_st, signed=st.booleans(), scale=scale_st,
+       per_channel=st.booleans(), seed=seed_st)
+def test_lsq_gradients(shape, bits, signed, scale, per_channel, seed):
+    """dx vs FD of the STE surrogate; ds vs the paper's formula, vs FD of the surrogate in s,
+    and vs the fixed-code identity d y/ds = code from FD of the true forward (Q3)."""
+    rng = np.random.default_rng(seed)
+    Qn, Qp = expected_range(bits, signed)
+    binary = signed and bits == 1
+    s = make_step(rng, shape, scale, per_channel)
+    x = safe_v(rng, shape, Qn, Qp) * s
+    dy = rng.normal(size=shape)
+    y, cache = lsq_quantize(x, s, bits, signed=signed)
+    dx, ds = lsq_quantize_backward(cache, dy)
+    assert np.shape(ds) == np.shape(s)
+    g = 1.0 / math.sqrt(n_per_step(shape, s) * Qp)
+    v = x / s
+    inside = (v >= Qn) & (v <= Qp)
+
+    # dx: STE
+    surrogate_x = lambda z: s * np.clip(z / s, Qn, Qp)
+    np.testing.assert_allclose(dx, dy * fd_elementwise(surrogate_x, x, 1e-6 * s * np.ones(shape)),
+                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(dx[~inside], 0.0)
+
+    # ds: the paper's case formula, summed to the shape of s
+    code = reference_codes(v, Qn, Qp, binary)
+    per_elem = np.where(inside, code - v, np.where(v < Qn, Qn, Qp))
+    reduce = lambda a: (a.sum() if np.ndim(s) == 0 else
+                        a.reshape(shape[0], -1).sum(1).reshape(np.shape(s)))
+    np.testing.assert_allclose(ds, g * reduce(dy * per_elem), rtol=1e-9, atol=1e-12)
+
+    # ds: FD of the surrogate "round(u) = u + frozen rounding error" in each entry of s
+    frozen = code - np.clip(v, Qn, Qp)
+    loss_sur = lambda sp: np.sum(dy * sp * (np.clip(x / sp, Qn, Qp) + frozen))
+    np.testing.assert_allclose(ds, g * fd_param(loss_sur, s), rtol=1e-5, atol=1e-7)
+
+    # ds: away from rounding boundaries the true forward has d y/ds = code (codes held fixed);
+    # the STE adds -v inside, so ds = g * sum(dy * (FD[y](s) - v * inside))
+    def y_true(sp):
+        return lsq_quantize(x, sp if np.ndim(s) else float(sp), bits, signed=signed)[0]
+    h = 1e-7 * np.asarray(s)
+    dyds_fixed = (y_true(s + h) - y_true(s - h)) / (2 * h)
+    np.testing.assert_allclose(dyds_fixed, code * np.ones(shape), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ds, g * reduce(dy * (dyds_fixed - v * inside)),
+                               rtol=1e-5, atol=1e-7)
+
+
+@given(bits=bits_st, signed=st.booleans(), seed=seed_st, gs=st.floats(0.01, 10.0))
+def test_lsq_grad_scale_argument(bits, signed, seed, gs):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(3, 4))
+    s = np.full((3, 1), 0.3)
+    dy = rng.normal(size=x.shape)
+    _, c_default = lsq_quantize(x, s, bits, signed=signed)
+    _, c_one = lsq_quantize(x, s, bits, signed=signed, grad_scale=1.0)
+    _, c_gs = lsq_quantize(x, s, bits, signed=signed, grad_scale=gs)
+    ds_default = lsq_quantize_backward(c_default, dy)[1]
+    ds_one = lsq_quantize_backward(c_one, dy)[1]
+    ds_gs = lsq_quantize_backward(c_gs, dy)[1]
+    Qp = expected_range(bits, signed)[1]
+    np.testing.assert_allclose(ds_default, ds_one / math.sqrt(4 * Qp), rtol=1e-12)
+    np.testing.assert_allclose(ds_gs, gs * ds_one, rtol=1e-12)
+
+
+def test_lsq_per_channel_conv_and_linear_shapes(rng):
+    for shape, sshape in [((6, 3, 3, 3), (6, 1, 1, 1)), ((5, 7), (5, 1)), ((5, 7), (1, 7))]:
+        x = rng.normal(size=shape).astype(np.float32)
+        s = np.full(sshape, 0.2, dtype=np.float32)
+        y, cache = lsq_quantize(x, s, 3, signed=True)
+        dx, ds = lsq_quantize_backward(cache, np.ones_like(x))
+        assert y.shape == dx.shape == shape and ds.shape == sshape
+
+
+def test_lsq_init_step_rule():
+    x = np.array([[1.0, -3.0], [0.5, 0.5]])
+    # unsigned 2 bits: Qp = 3; mean|x| = 5/4
+    assert float(lsq_init_step(x, 2)) == pytest.approx(2 * 1.25 / math.sqrt(3))
+    # signed 4 bits: Qp = 7; per channel: rows have mean|x| 2 and 0.5
+    s = lsq_init_step(x, 4, signed=True, per_channel=True)
+    assert s.shape == (2, 1)
+    np.testing.assert_allclose(s[:, 0], [2 * 2 / math.sqrt(7), 2 * 0.5 / math.sqrt(7)])
+    # binary: Qp = 1
+    assert float(lsq_init_step(x, 1, signed=True)) == pytest.approx(2 * 1.25)
+    # conv weight: (C, 1, 1, 1); an all-zero channel still gets a positive step
+    w = np.ones((3, 2, 3, 3), dtype=np.float32)
+    w[1] = 0
+    s = lsq_init_step(w, 2, signed=True, per_channel=True)
+    assert s.shape == (3, 1, 1, 1) and s.dtype == np.float32 and np.all(s > 0)
+    np.testing.assert_allclose(s[[0, 2]].ravel(), 2.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- Q5 LSQ+
+@given(shape=shape_st, bits=bits_st, signed=st.booleans(), scale=scale_st,
+       per_channel=st.booleans(), seed=seed_st)
+def test_lsqplus_gradients(shape, bits, signed, scale, per_channel, seed):
+    rng = np.random.default_rng(seed)
+    Qn, Qp = expected_range(bits, signed)
+    binary = signed and bits == 1
+    s = make_step(rng, shape, scale, per_channel)
+    beta = float(rng.normal() * scale) if not per_channel else \
+        rng.normal(size=np.shape(s)) * scale
+    v = safe_v(rng, shape, Qn, Qp)
+    x = v * s + beta
+    dy = rng.normal(size=shape)
+    y, cache = lsqplus_quantize(x, s, beta, bits, signed=signed)
+    dx, ds, dbeta = lsqplus_quantize_backward(cache, dy)
+    assert np.shape(ds) == np.shape(s) and np.shape(dbeta) == np.shape(beta)
+    code = reference_codes(v, Qn, Qp, binary)
+    np.testing.assert_allclose(y, s * code + beta, rtol=1e-9, atol=1e-9 * scale)
+
+    g = 1.0 / math.sqrt(n_per_step(shape, s) * Qp)
+    frozen = code - np.clip(v, Qn, Qp)
+    F = lambda xx, sp, bp: sp * (np.clip((xx - bp) / sp, Qn, Qp) + frozen) + bp
+    np.testing.assert_allclose(
+        dx, dy * fd_elementwise(lambda z: F(z, s, beta), x, 1e-6 * s * np.ones(shape)),
+        rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ds, g * fd_param(lambda sp: np.sum(dy * F(x, sp, beta)), s),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dbeta, g * fd_param(lambda bp: np.sum(dy * F(x, s, bp)), beta),
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_lsqplus_init(bits, rng):
+    x = rng.normal(1.0, 2.0, size=(4, 50))
+    # unsigned: min/max, the grid's ends land on min x and max x
+    s, beta = lsqplus_init(x, bits)
+    Qn, Qp = expected_range(bits, False)
+    assert s.shape == beta.shape == ()
+    assert float(s) == pytest.approx((x.max() - x.min()) / Qp)
+    assert float(beta) == pytest.approx(x.min())
+    ends = np.array([x.min(), x.max()])
+    np.testing.assert_allclose(lsqplus_quantize(ends, s, beta, bits)[0], ends, rtol=1e-12)
+    # signed: the paper's weight rule, beta = 0
+    s, beta = lsqplus_init(x, bits, signed=True)
+    mu, sigma = x.mean(), x.std()
+    assert float(s) == pytest.approx(max(abs(mu - 3 * sigma), abs(mu + 3 * sigma)) / 2 ** (bits - 1))
+    assert float(beta) == 0.0
+    # per channel shapes
+    s, beta = lsqplus_init(x, bits, per_channel=True)
+    assert s.shape == beta.shape == (4, 1)
+    np.testing.assert_allclose(beta[:, 0], x.min(axis=1))
+
+
+# ----------------------------------------------------------------------------- Q6 PACT
+@given(shape=shape_st, bits=bits_st, scale=scale_st, per_channel=st.booleans(), seed=seed_st)
+def test_pact(shape, bits, scale, per_channel, seed):
+    rng = np.random.default_rng(seed)
+    Qp = 2**bits - 1
+    alpha = make_step(rng, shape, scale, per_channel)
+    s = alpha / Qp
+    v = safe_v(rng, shape, 0, Qp)              # x Qp / alpha, off 0, alpha and the half-levels
+    x = v * s
+    dy = rng.normal(size=shape)
+    y, cache = pact_quantize(x, alpha, bits)
+    dx, dalpha = pact_quantize_backward(cache, dy)
+    assert np.shape(dalpha) == np.shape(alpha)
+    code = np.clip(np.round(v), 0, Qp)
+    np.testing.assert_allclose(y, code * s, rtol=1e-12)
+    above = v >= Qp
+    np.testing.assert_allclose(y[above], (alpha * np.ones(shape))[above], rtol=1e-12)
+
+    # the paper's surrogate: y ~ clip(x, 0, alpha)
+    sur = lambda xx, a: np.clip(xx, 0, a)
+    np.testing.assert_allclose(dx, dy * fd_elementwise(lambda z: sur(z, alpha), x,
+                                                       1e-6 * s * np.ones(shape)),
+                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(dalpha, fd_param(lambda a: np.sum(dy * sur(x, a)), alpha),
+                               rtol=1e-5, atol=1e-7)
+    # the true forward, codes held fixed: d y/d alpha = code/Qp (= 1 above alpha, the part the
+    # paper keeps; inside, code/Qp is the dropped term, Q6)
+    a = np.asarray(alpha)
+    h = 1e-7 * a
+    y_true = lambda ap: pact_quantize(x, ap if np.ndim(alpha) else float(ap), bits)[0]
+    dyda = (y_true(a + h) - y_true(a - h)) / (2 * h)
+    np.testing.assert_allclose(dyda, code / Qp, rtol=1e-6, atol=1e-6)
+
+
+def test_pact_edges():
+    x = np.array([-1.0, 0.0, 0.5, 1.0, 2.0])
+    y, cache = pact_quantize(x, 1.0, 2)
+    np.testing.assert_allclose(y, [0, 0, 2 / 3, 1, 1])         # round(1.5) = 2 (half to even)
+    dx, da = pact_quantize_backward(cache, np.ones(5))
+    np.testing.assert_array_equal(dx, [0, 1, 1, 0, 0])          # 0 <= x < alpha
+    assert float(da) == 2.0                                     # x >= alpha
+
+
+# ----------------------------------------------------------------------------- Q7 DoReFa w
+def _weights(rng, shape, scale):
+    w = rng.normal(size=shape) * scale
+    j = np.argmax(np.abs(w))
+    w.flat[j] *= 1.25                         # a unique max, 25% clear of the next
+    return w
+
+
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+       bits=st.integers(2, 8), scale=st.floats(0.05, 2.0), seed=seed_st)
+def test_dorefa_weight_backward_matches_fd_through_max(shape, bits, scale, seed):
+    rng = np.random.default_rng(seed)
+    w = _weights(rng, shape, scale)
+    dy = rng.normal(size=shape)
+    y, cache = dorefa_weight_quantize(w, bits)
+    dw = dorefa_weight_quantize_backward(cache, dy)
+    Qp = 2**bits - 1
+    t = np.tanh(w)
+    M = np.abs(t).max()
+    np.testing.assert_allclose(y, 2 * np.round(Qp * (t / (2 * M) + 0.5)) / Qp - 1, atol=1e-12)
+    assert np.all(np.abs(y) <= 1 + 1e-12)
+    np.testing.assert_allclose(np.abs(y.flat[np.argmax(np.abs(w))]), 1.0)
+    surrogate = lambda wf: np.sum(dy * np.tanh(wf) / np.abs(np.tanh(wf)).max())   # q_k = identity
+    fd = fd_param(surrogate, w, rel=1e-7)
+    np.testing.assert_allclose(dw, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_dorefa_weight_two_way_tie_equals_central_difference(rng):
+    """At a tie of two maxima the central difference is the mean of the one-sided derivatives,
+    which is the equal split of the max's gradient (Q7)."""
+    w = rng.normal(size=(3, 4)) * 0.3
+    w[0, 0], w[2, 1] = 1.5, -1.5
+    dy = rng.normal(size=w.shape)
+    _, cache = dorefa_weight_quantize(w, 3)
+    dw = dorefa_weight_quantize_backward(cache, dy)
+    surrogate = lambda wf: np.sum(dy * np.tanh(wf) / np.abs(np.tanh(wf)).max())
+    np.testing.assert_allclose(dw, fd_param(surrogate, w, rel=1e-7), rtol=1e-5, atol=1e-7)
+
+
+def test_dorefa_weight_binary(rng):
+    w = rng.normal(size=(4, 5))
+    w[0, 0] = 0.0
+    y, cache = dorefa_weight_quantize(w, 1)
+    E = np.abs(w).mean()
+    np.testing.assert_allclose(y, np.where(w >= 0, E, -E))
+    dy = rng.normal(size=w.shape)
+    dw = dorefa_weight_quantize_backward(cache, dy)
+    np.testing.assert_array_equal(dw, dy)                       # sign as identity, E constant
+    assert dw is not dy
+
+
+# ----------------------------------------------------------------------------- Q8 DoReFa a
+@given(shape=shape_st, bits=bits_st, seed=seed_st)
+def test_dorefa_act(shape, bits, seed):
+    rng = np.random.default_rng(seed)
+    Qp = 2**bits - 1
+    x = safe_v(rng, shape, 0, Qp) / Qp
+    dy = rng.normal(size=shape)
+    y, cache = dorefa_act_quantize(x, bits)
+    dx = dorefa_act_quantize_backward(cache, dy)
+    np.testing.assert_allclose(y, np.round(Qp * np.clip(x, 0, 1)) / Qp, atol=1e-15)
+    np.testing.assert_allclose(y, ste_quantize(x, 1.0 / Qp, bits)[0], atol=1e-12)   # s = 1/Qp
+    sur = lambda z: np.clip(z, 0, 1)
+    np.testing.assert_allclose(dx, dy * fd_elementwise(sur, x, 1e-6 / Qp), rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- dtypes
+def _run_all(x, dy, bits=3):
+    """Every pair on x (a (4, 2, 3, 3) weight-like array); outputs and gradients, in order."""
+    xp_s = x[:, :1, :1, :1] * 0 + 0.25           # per-channel step on x's backend and dtype
+    out = []
+    y, c = ste_quantize(x, xp_s, bits, signed=True)
+    out += [y, ste_quantize_backward(c, dy)]
+    y, c = lsq_quantize(x, xp_s, bits, signed=True)
+    out += [y, *lsq_quantize_backward(c, dy)]
+    y, c = lsqplus_quantize(x, xp_s, 0.1, bits)
+    out += [y, *lsqplus_quantize_backward(c, dy)]
+    y, c = pact_quantize(x, 1.5, bits)
+    out += [y, *pact_quantize_backward(c, dy)]
+    y, c = dorefa_weight_quantize(x, bits)
+    out += [y, dorefa_weight_quantize_backward(c, dy)]
+    y, c = dorefa_weight_quantize(x, 1)
+    out += [y, dorefa_weight_quantize_backward(c, dy)]
+    y, c = dorefa_act_quantize(x, bits)
+    out += [y, dorefa_act_quantize_backward(c, dy)]
+    out += [lsq_init_step(x, bits, signed=True, per_channel=True), *lsqplus_init(x, bits)]
+    return out
+
+
+def test_float32_stays_float32(rng):
+    x = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    for a in _run_all(x, dy):
+        assert a.dtype == np.float32
+    # a float64 step does not upcast a float32 input
+    y, c = lsq_quantize(x, np.full((4, 1, 1, 1), 0.3), 2, signed=True)
+    assert y.dtype == np.float32 and lsq_quantize_backward(c, dy)[1].dtype == np.float32
+
+
+def test_backends_agree(backend, rng):
+    x = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    ref = _run_all(x, dy)
+    got = _run_all(to_backend(x, backend), to_backend(dy, backend))
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert type(a).__module__.split(".")[0] == backend
+        np.testing.assert_allclose(to_host(a), b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+X = np.ones((3, 4))
+
+
+@pytest.mark.parametrize("call, exc, name", [
+    (lambda: ste_quantize([1.0, 2.0], 0.1, 2), TypeError, "x"),
+    (lambda: ste_quantize(np.arange(4), 0.1, 2), TypeError, "x"),
+    (lambda: ste_quantize(np.array([1.0, np.nan]), 0.1, 2), MecrefError, "x"),
+    (lambda: ste_quantize(np.array(1.0), 0.1, 2), MecrefError, "x"),
+    (lambda: ste_quantize(X, 0.1, 0), MecrefError, "bits"),
+    (lambda: ste_quantize(X, 0.1, 9), MecrefError, "bits"),
+    (lambda: ste_quantize(X, 0.1, 32), MecrefError, "bits"),
+    (lambda: ste_quantize(X, 0.1, 2.0), MecrefError, "bits"),
+    (lambda: ste_quantize(X, 0.1, 2, signed="yes"), TypeError, "signed"),
+    (lambda: ste_quantize(X, 0.0, 2), MecrefError, "s"),
+    (lambda: ste_quantize(X, -1.0, 2), MecrefError, "s"),
+    (lambda: ste_quantize(X, float("inf"), 2), MecrefError, "s"),
+    (lambda: ste_quantize(X, "0.1", 2), TypeError, "s"),
+    (lambda: ste_quantize(X, np.array([[0.1], [0.0], [0.1]]), 2), MecrefError, "s"),
+    (lambda: ste_quantize(X, np.full((4, 1), 0.1), 2), MecrefError, "s"),
+    (lambda: ste_quantize(X, np.full((2, 3, 4), 0.1), 2), MecrefError, "s"),
+    (lambda: ste_quantize(X, np.full((3, 1), 1), 2), TypeError, "s"),
+    (lambda: lsq_quantize(X, 0.1, 2, grad_scale=0.0), MecrefError, "grad_scale"),
+    (lambda: lsq_quantize(X, 0.1, 2, grad_scale="a"), TypeError, "grad_scale"),
+    (lambda: lsq_init_step(X, 2, per_channel=1), TypeError, "per_channel"),
+    (lambda: lsq_init_step(X, 33), MecrefError, "bits"),
+    (lambda: lsqplus_quantize(X, 0.1, float("nan"), 2), MecrefError, "beta"),
+    (lambda: lsqplus_quantize(X, 0.1, np.zeros((5, 1)), 2), MecrefError, "beta"),
+    (lambda: lsqplus_quantize(X, -0.1, 0.0, 2), MecrefError, "s"),
+    (lambda: pact_quantize(X, 0.0, 2), MecrefError, "alpha"),
+    (lambda: pact_quantize(X, np.array([1.0, -1.0, 1.0, 1.0]), 2), MecrefError, "alpha"),
+    (lambda: dorefa_weight_quantize(np.zeros((2, 2)), 2), MecrefError, "w"),
+    (lambda: dorefa_weight_quantize(np.array([np.inf, 1.0]), 2), MecrefError, "w"),
+    (lambda: dorefa_weight_quantize(X, 9), MecrefError, "bits"),
+    (lambda: dorefa_act_quantize(X, -1), MecrefError, "bits"),
+    (lambda: qrange(2, None), TypeError, "signed"),
+    (lambda: ste_quantize_backward(ste_quantize(X, 0.1, 2)[1], np.ones(3)), MecrefError, "dy"),
+    (lambda: lsq_quantize_backward(lsq_quantize(X, 0.1, 2)[1], [1.0]), TypeError, "dy"),
+])
+def test_bad_arguments_raise_naming_them(call, exc, name):
+    with pytest.raises(exc) as info:
+        call()
+    assert str(info.value).startswith(name + " ")
