@@ -284,7 +284,8 @@ def evaluate(model, x_uint8, y, batch_size: int = 1000) -> float:
     """Test accuracy of a model (eval mode) on uint8 images and integer labels."""
     correct = 0
     backend = _model_backend(model)
-    for xb, yb in mdata.iterate_batches(x_uint8, y, min(batch_size, len(x_uint8)), None,
+    in_order = np.random.default_rng(0)  # unused: shuffle=False keeps the data's order
+    for xb, yb in mdata.iterate_batches(x_uint8, y, min(batch_size, len(x_uint8)), in_order,
                                         shuffle=False, drop_last=False, backend=backend):
         logits, _ = model.forward(xb, train=False)
         correct += int(to_host((logits.argmax(axis=1) == yb).sum()))
