@@ -487,7 +487,8 @@ def dorefa_weight_quantize(w, bits):
     a = xp.abs(t)
     M = a.max()
     if not bool(M > 0):
-        raise MecrefError("w must have a nonzero entry (DoReFa divides by max|tanh w|), got all zeros")
+        raise MecrefError("w must have a nonzero entry (DoReFa divides by max|tanh w|), "
+                          "got all zeros")
     at_max = xp.flatnonzero(a == M)
     y = t * (Qp / (2 * M))     # (2^k - 1) (t / 2M + 1/2), in place below
     y += Qp / 2

@@ -62,16 +62,17 @@ def fd_elementwise(f, x, h):
     return (f(x + h) - f(x - h)) / (2 * h)
 
 
-def fd_param(loss, p, rel=1e-6):
-    """Central difference of a scalar loss in each entry of a parameter (float or array)."""
+def fd_param(loss, p, h):
+    """Central difference of a scalar loss in each entry of a parameter (float or array),
+    with step h (a number, or an array of p's shape)."""
     p = np.asarray(p, dtype=np.float64)
+    h = np.broadcast_to(np.asarray(h, dtype=np.float64), p.shape)
     grad = np.zeros_like(p)
     for i in np.ndindex(p.shape):
-        h = rel * max(1.0, abs(p[i]))
         pp, pm = p.copy(), p.copy()
-        pp[i] += h
-        pm[i] -= h
-        grad[i] = (loss(pp) - loss(pm)) / (2 * h)
+        pp[i] += h[i]
+        pm[i] -= h[i]
+        grad[i] = (loss(pp) - loss(pm)) / (2 * h[i])
     return grad
 
 
@@ -189,7 +190,8 @@ def test_lsq_gradients(shape, bits, signed, scale, per_channel, seed):
     # ds: FD of the surrogate "round(u) = u + frozen rounding error" in each entry of s
     frozen = code - np.clip(v, Qn, Qp)
     loss_sur = lambda sp: np.sum(dy * sp * (np.clip(x / sp, Qn, Qp) + frozen))
-    np.testing.assert_allclose(ds, g * fd_param(loss_sur, s), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ds, g * fd_param(loss_sur, s, 1e-5 * np.asarray(s)),
+                               rtol=1e-5, atol=1e-7)
 
     # ds: away from rounding boundaries the true forward has d y/ds = code (codes held fixed);
     # the STE adds -v inside, so ds = g * sum(dy * (FD[y](s) - v * inside))
@@ -271,9 +273,10 @@ def test_lsqplus_gradients(shape, bits, signed, scale, per_channel, seed):
     np.testing.assert_allclose(
         dx, dy * fd_elementwise(lambda z: F(z, s, beta), x, 1e-6 * s * np.ones(shape)),
         rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(ds, g * fd_param(lambda sp: np.sum(dy * F(x, sp, beta)), s),
+    hs = 1e-5 * np.min(s)                     # moves v by at most 1e-5 (Qp + 2)
+    np.testing.assert_allclose(ds, g * fd_param(lambda sp: np.sum(dy * F(x, sp, beta)), s, hs),
                                rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(dbeta, g * fd_param(lambda bp: np.sum(dy * F(x, s, bp)), beta),
+    np.testing.assert_allclose(dbeta, g * fd_param(lambda bp: np.sum(dy * F(x, s, bp)), beta, hs),
                                rtol=1e-5, atol=1e-7)
 
 
@@ -291,7 +294,8 @@ def test_lsqplus_init(bits, rng):
     # signed: the paper's weight rule, beta = 0
     s, beta = lsqplus_init(x, bits, signed=True)
     mu, sigma = x.mean(), x.std()
-    assert float(s) == pytest.approx(max(abs(mu - 3 * sigma), abs(mu + 3 * sigma)) / 2 ** (bits - 1))
+    rule = max(abs(mu - 3 * sigma), abs(mu + 3 * sigma)) / 2 ** (bits - 1)
+    assert float(s) == pytest.approx(rule)
     assert float(beta) == 0.0
     # per channel shapes
     s, beta = lsqplus_init(x, bits, per_channel=True)
@@ -322,7 +326,8 @@ def test_pact(shape, bits, scale, per_channel, seed):
     np.testing.assert_allclose(dx, dy * fd_elementwise(lambda z: sur(z, alpha), x,
                                                        1e-6 * s * np.ones(shape)),
                                rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(dalpha, fd_param(lambda a: np.sum(dy * sur(x, a)), alpha),
+    np.testing.assert_allclose(dalpha, fd_param(lambda a: np.sum(dy * sur(x, a)), alpha,
+                                                 1e-5 * np.asarray(alpha)),
                                rtol=1e-5, atol=1e-7)
     # the true forward, codes held fixed: d y/d alpha = code/Qp (= 1 above alpha, the part the
     # paper keeps; inside, code/Qp is the dropped term, Q6)
@@ -365,7 +370,7 @@ def test_dorefa_weight_backward_matches_fd_through_max(shape, bits, scale, seed)
     assert np.all(np.abs(y) <= 1 + 1e-12)
     np.testing.assert_allclose(np.abs(y.flat[np.argmax(np.abs(w))]), 1.0)
     surrogate = lambda wf: np.sum(dy * np.tanh(wf) / np.abs(np.tanh(wf)).max())   # q_k = identity
-    fd = fd_param(surrogate, w, rel=1e-7)
+    fd = fd_param(surrogate, w, 1e-6)
     np.testing.assert_allclose(dw, fd, rtol=1e-5, atol=1e-7)
 
 
@@ -378,7 +383,7 @@ def test_dorefa_weight_two_way_tie_equals_central_difference(rng):
     _, cache = dorefa_weight_quantize(w, 3)
     dw = dorefa_weight_quantize_backward(cache, dy)
     surrogate = lambda wf: np.sum(dy * np.tanh(wf) / np.abs(np.tanh(wf)).max())
-    np.testing.assert_allclose(dw, fd_param(surrogate, w, rel=1e-7), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dw, fd_param(surrogate, w, 1e-6), rtol=1e-5, atol=1e-7)
 
 
 def test_dorefa_weight_binary(rng):
