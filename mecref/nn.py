@@ -1,0 +1,991 @@
+"""Layers and the small CNN: thin holders of ``params`` and ``grads`` around closed-form
+forward/backward pairs (docs/derivations.md, sections N1-N6 and N9-N10).
+
+Every layer follows one convention (docs/design.md)::
+
+    y = layer.forward(x, train=True)   # train mode caches what backward needs
+    dx = layer.backward(dy)            # sets layer.grads[k] for every k in layer.params
+
+and carries
+
+- ``params`` / ``grads``: dicts with the same keys (``grads`` filled, not accumulated, by
+  ``backward``);
+- ``buffers``: non-trained state (BatchNorm running statistics, the STE activation range);
+- ``no_decay``: param keys the optimiser does not decay (biases, BN gamma/beta, quantizer
+  steps, clips and offsets);
+- ``positive``: param keys that must stay > 0 (quantizer steps ``s``, PACT's ``alpha``).
+
+``forward(x, train=False)`` keeps no cache and leaves a pending train-mode cache alone.
+Images are NCHW float32 (float64 works too: the derivation tests use it). Large temporaries
+that never leave a layer (im2col columns, padded inputs, masks) live in per-layer workspaces
+that are reused across steps; arrays a layer returns are always fresh.
+
+Quantized layers (:class:`QuantConv2d`, :class:`QuantLinear`) fake-quantize their weight and
+their input activation with one of :data:`SCHEMES` (section N9); :func:`small_cnn` builds the
+network of the experiments (section N10).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import quant
+from .backend import MecrefError, array_module, get_xp, to_host
+from .validate import check_array, check_bits, check_choice, check_int
+
+__all__ = [
+    "SCHEMES", "Layer", "Conv2d", "Linear", "ReLU", "MaxPool2d", "BatchNorm2d",
+    "GlobalAvgPool2d", "Flatten", "Sequential", "QuantConv2d", "QuantLinear",
+    "SmallCNN", "small_cnn", "im2col", "col2im",
+]
+
+SCHEMES = ("ste", "dorefa_pact", "lsq", "lsqplus")
+FULL_PRECISION = 32          # bits = 32: no quantizer at all
+STE_EMA_MOMENTUM = 0.1       # EMA of the batch max that sets the STE activation step
+
+
+def _float32(xp, a):
+    return xp.asarray(a, dtype=np.float32)
+
+
+def _check_qbits(name, bits):
+    """Bits of a quantized layer: 1..8, or 32 for full precision."""
+    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool) and int(bits) == FULL_PRECISION:
+        return FULL_PRECISION
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= int(bits) <= 8:
+        raise MecrefError(f"{name} must be an integer in 1..8, or 32 for full precision, got {bits!r}")
+    return int(bits)
+
+
+def _check_dy(layer, dy, shape):
+    if not hasattr(dy, "shape"):
+        raise TypeError(f"{type(layer).__name__}.backward: dy must be a numpy/cupy array, "
+                        f"got {type(dy).__name__}")
+    if tuple(dy.shape) != tuple(shape):
+        raise MecrefError(f"{type(layer).__name__}.backward: dy must have the output's shape "
+                          f"{tuple(shape)}, got {tuple(dy.shape)}")
+
+
+# ============================================================================ im2col / col2im
+def im2col(x, k, stride, padding, out=None, xpad=None):
+    """Unfold k x k windows into columns (derivations N1).
+
+    .. math::
+        \\mathrm{cols}[n, (c, i, j), (h_o, w_o)] = x_{pad}[n, c,\\; i + s h_o,\\; j + s w_o]
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W)
+    k, stride, padding : int
+    out : ndarray (N, C*k*k, Ho*Wo) or None
+        Workspace to write the columns into (allocated when None).
+    xpad : ndarray (N, C, H + 2 padding, W + 2 padding) or None
+        Workspace for the zero-padded input, whose border must be zero (it is only written
+        inside); allocated when None.
+
+    Returns
+    -------
+    cols : ndarray (N, C*k*k, Ho*Wo), ``Ho = (H + 2 padding - k) // stride + 1``
+    """
+    xp = array_module(x)
+    N, C, H, W = x.shape
+    if padding:
+        if xpad is None:
+            xpad = xp.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=x.dtype)
+        xpad[:, :, padding:padding + H, padding:padding + W] = x
+        x = xpad
+    Hp, Wp = x.shape[2:]
+    Ho, Wo = (Hp - k) // stride + 1, (Wp - k) // stride + 1
+    if out is None:
+        out = xp.empty((N, C * k * k, Ho * Wo), dtype=x.dtype)
+    sN, sC, sH, sW = x.strides
+    windows = xp.lib.stride_tricks.as_strided(
+        x, shape=(N, C, k, k, Ho, Wo), strides=(sN, sC, sH, sW, stride * sH, stride * sW))
+    out.reshape(N, C, k, k, Ho, Wo)[...] = windows
+    return out
+
+
+def col2im(dcols, x_shape, k, stride, padding, dxpad=None):
+    """Fold column gradients back onto the image: the adjoint of :func:`im2col` (N1).
+
+    .. math::
+        dx_{pad}[n, c, i + s h_o, j + s w_o] \\mathrel{+}= \\mathrm{dcols}[n, i, j, c, h_o, w_o]
+
+    one slice add per kernel offset ``(i, j)`` (k*k adds of whole slabs, no scatter), then the
+    padding is cropped.
+
+    Parameters
+    ----------
+    dcols : ndarray (N, k*k*C, Ho*Wo), offset-major: row ``(i, j, c)``
+    x_shape : (N, C, H, W)
+    dxpad : ndarray (N, C, H + 2 padding, W + 2 padding) or None
+        Workspace for the padded gradient (allocated when None; zeroed here).
+
+    Returns
+    -------
+    dx : ndarray (N, C, H, W), fresh
+    """
+    xp = array_module(dcols)
+    N, C, H, W = x_shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    Ho, Wo = (Hp - k) // stride + 1, (Wp - k) // stride + 1
+    if dxpad is None:
+        dxpad = xp.empty((N, C, Hp, Wp), dtype=dcols.dtype)
+    dxpad.fill(0)
+    slabs = dcols.reshape(N, k, k, C, Ho, Wo)
+    for i in range(k):
+        for j in range(k):
+            dxpad[:, :, i:i + stride * (Ho - 1) + 1:stride,
+                  j:j + stride * (Wo - 1) + 1:stride] += slabs[:, i, j]
+    return dxpad[:, :, padding:padding + H, padding:padding + W].copy()
+
+
+# ============================================================================ base layer
+class Layer:
+    """Base of every layer: empty ``params``, ``grads``, ``buffers``, ``no_decay``,
+    ``positive``, a train-mode cache and a workspace of reusable arrays."""
+
+    def __init__(self):
+        self.params, self.grads, self.buffers = {}, {}, {}
+        self.no_decay, self.positive = set(), set()
+        self._cache = None
+        self._ws = {}
+
+    def _buffer(self, xp, name, shape, dtype, zero=False):
+        """A workspace array reused across steps (reallocated when the shape changes)."""
+        a = self._ws.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype or array_module(a) is not xp:
+            a = xp.zeros(shape, dtype=dtype) if zero else xp.empty(shape, dtype=dtype)
+            self._ws[name] = a
+        return a
+
+    def _pending(self):
+        if self._cache is None:
+            raise MecrefError(f"{type(self).__name__}.backward needs a forward(x, train=True) first")
+        return self._cache
+
+    def astype(self, dtype):
+        """Cast params and buffers to ``dtype`` (e.g. float64 for gradient checks); returns self."""
+        for d in (self.params, self.buffers):
+            for k, v in d.items():
+                d[k] = v.astype(dtype)
+        self.grads, self._ws, self._cache = {}, {}, None
+        return self
+
+    def __repr__(self):
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.params.items())
+        return f"{type(self).__name__}({shapes})"
+
+
+def _check_image(layer, x, channels):
+    """x: (N, channels, H, W) floating."""
+    name = type(layer).__name__
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: x must be a numpy/cupy array, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise MecrefError(f"{name}: x must be 4-dimensional (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise MecrefError(f"{name}: x must have {channels} channels (axis 1), "
+                          f"got shape {tuple(x.shape)}")
+    if not np.issubdtype(np.dtype(x.dtype), np.floating):
+        raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
+
+
+# ============================================================================ Conv2d
+class Conv2d(Layer):
+    """2-D convolution (cross-correlation) as im2col + GEMM (derivations N1).
+
+    .. math::
+        y[n, f] = \\sum_{c, i, j} W[f, c, i, j]\\, x_{pad}[n, c, i + s h_o, j + s w_o] + b[f]
+        \\;\\Longleftrightarrow\\; Y_n = W_{(F, Ckk)}\\, \\mathrm{cols}_n
+
+    Backward: ``dW = sum_n dY_n cols_n^T``, ``db = sum dY``, ``dcols_n = W^T dY_n`` folded back
+    by :func:`col2im`.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size : int, square kernel k
+    stride : int, 1 or 2 (any >= 1 works)
+    padding : int >= 0, zero padding on each side
+    bias : bool
+    backend : "numpy" or "cupy"
+    seed : int or numpy Generator
+        He-normal init ``W ~ N(0, 2 / (C k k))`` (ReLU follows); ``b = 0``.
+
+    Shapes: x (N, C, H, W) -> y (N, F, Ho, Wo), ``Ho = (H + 2 padding - k) // stride + 1``.
+    ``input_grad = False`` makes ``backward`` skip dx (return None): the first layer of a
+    network does not need the gradient of the images.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, bias=True,
+                 backend="numpy", seed=0):
+        super().__init__()
+        C = check_int("in_channels", in_channels, 1)
+        F = check_int("out_channels", out_channels, 1)
+        k = check_int("kernel_size", kernel_size, 1)
+        self.stride = check_int("stride", stride, 1)
+        self.padding = check_int("padding", padding, 0)
+        xp = get_xp(backend)
+        rng = np.random.default_rng(seed)
+        self.params["W"] = _float32(xp, rng.standard_normal((F, C, k, k)) * math.sqrt(2.0 / (C * k * k)))
+        if bias:
+            self.params["b"] = xp.zeros(F, dtype=np.float32)
+            self.no_decay.add("b")
+        self.input_grad = True
+
+    @property
+    def in_channels(self):
+        return self.params["W"].shape[1]
+
+    def _check_input(self, x):
+        _check_image(self, x, self.in_channels)
+        k = self.params["W"].shape[2]
+        H, W = x.shape[2] + 2 * self.padding, x.shape[3] + 2 * self.padding
+        if H < k or W < k:
+            raise MecrefError(f"{type(self).__name__}: padded image {H}x{W} is smaller than the "
+                              f"{k}x{k} kernel (x shape {tuple(x.shape)}, padding {self.padding})")
+
+    def forward(self, x, train=True):
+        self._check_input(x)
+        return self._conv_forward(x, self.params["W"], train)
+
+    def backward(self, dy):
+        dW, dx = self._conv_backward(dy, self.input_grad)
+        self.grads["W"] = dW
+        return dx
+
+    def _conv_forward(self, x, W, train):
+        """y = W cols (+ b) for the given (possibly fake-quantized) x and W."""
+        xp = array_module(x)
+        N, C, H, Wd = x.shape
+        F, _, k, _ = W.shape
+        s, p = self.stride, self.padding
+        Ho, Wo = (H + 2 * p - k) // s + 1, (Wd + 2 * p - k) // s + 1
+        if train:
+            cols = im2col(x, k, s, p,
+                          out=self._buffer(xp, "cols", (N, C * k * k, Ho * Wo), x.dtype),
+                          xpad=self._buffer(xp, "xpad", (N, C, H + 2 * p, Wd + 2 * p), x.dtype,
+                                            zero=True) if p else None)
+        else:
+            cols = im2col(x, k, s, p)
+        y = W.reshape(F, -1) @ cols                                 # (N, F, Ho*Wo)
+        if "b" in self.params:
+            y += self.params["b"][:, None]
+        if train:
+            self._cache = (cols, W, x.shape, (N, F, Ho, Wo))
+        return y.reshape(N, F, Ho, Wo)
+
+    def _conv_backward(self, dy, need_dx):
+        """(dW, dx) of y = W cols; also sets grads['b']. dx is None unless need_dx."""
+        cols, W, x_shape, y_shape = self._pending()
+        _check_dy(self, dy, y_shape)
+        xp = array_module(dy)
+        N, F, Ho, Wo = y_shape
+        C, k = x_shape[1], W.shape[2]
+        dy3 = dy.reshape(N, F, Ho * Wo)
+        dW = (dy3 @ cols.transpose(0, 2, 1)).sum(axis=0).reshape(W.shape)
+        if "b" in self.params:
+            self.grads["b"] = dy3.sum(axis=(0, 2))
+        if not need_dx:
+            return dW, None
+        W_offsets = W.transpose(2, 3, 1, 0).reshape(k * k * C, F)      # rows (i, j, c)
+        dcols = xp.matmul(W_offsets, dy3, out=self._buffer(xp, "dcols", (N, k * k * C, Ho * Wo), dy.dtype))
+        H, Wd = x_shape[2:]
+        p = self.padding
+        dxpad = self._buffer(xp, "dxpad", (N, C, H + 2 * p, Wd + 2 * p), dy.dtype)
+        return dW, col2im(dcols, x_shape, k, self.stride, p, dxpad=dxpad)
+
+
+# ============================================================================ Linear
+class Linear(Layer):
+    """Fully connected layer (derivations N2).
+
+    .. math::
+        y = x W^T + b, \\qquad dW = dy^T x, \\quad db = \\textstyle\\sum_n dy_n, \\quad dx = dy\\, W
+
+    Shapes: x (N, in_features), W (out_features, in_features), b (out_features,),
+    y (N, out_features). Init as PyTorch's default: ``W, b ~ U(-1/sqrt(in), 1/sqrt(in))``.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, backend="numpy", seed=0):
+        super().__init__()
+        n_in = check_int("in_features", in_features, 1)
+        n_out = check_int("out_features", out_features, 1)
+        xp = get_xp(backend)
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(n_in)
+        self.params["W"] = _float32(xp, rng.uniform(-bound, bound, (n_out, n_in)))
+        if bias:
+            self.params["b"] = _float32(xp, rng.uniform(-bound, bound, n_out))
+            self.no_decay.add("b")
+        self.input_grad = True
+
+    def _check_input(self, x):
+        n_in = self.params["W"].shape[1]
+        name = type(self).__name__
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: x must be a numpy/cupy array, got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[1] != n_in:
+            raise MecrefError(f"{name}: x must have shape (N, {n_in}), got {tuple(x.shape)}")
+        if not np.issubdtype(np.dtype(x.dtype), np.floating):
+            raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
+
+    def forward(self, x, train=True):
+        self._check_input(x)
+        return self._linear_forward(x, self.params["W"], train)
+
+    def backward(self, dy):
+        dW, dx = self._linear_backward(dy)
+        self.grads["W"] = dW
+        return dx
+
+    def _linear_forward(self, x, W, train):
+        y = x @ W.T
+        if "b" in self.params:
+            y += self.params["b"]
+        if train:
+            self._cache = (x, W, y.shape)
+        return y
+
+    def _linear_backward(self, dy):
+        x, W, y_shape = self._pending()
+        _check_dy(self, dy, y_shape)
+        if "b" in self.params:
+            self.grads["b"] = dy.sum(axis=0)
+        return dy.T @ x, dy @ W
+
+
+# ============================================================================ ReLU, pools, BN
+class ReLU(Layer):
+    """``y = max(x, 0)``; ``dx = dy * 1[x > 0]`` (derivations N5). Any shape."""
+
+    def forward(self, x, train=True):
+        xp = array_module(x)
+        y = xp.maximum(x, 0)
+        if train:
+            mask = self._buffer(xp, "mask", x.shape, np.bool_)
+            xp.greater(x, 0, out=mask)
+            self._cache = mask
+        return y
+
+    def backward(self, dy):
+        mask = self._pending()
+        _check_dy(self, dy, mask.shape)
+        return dy * mask
+
+
+class MaxPool2d(Layer):
+    """2x2 max pool, stride 2, with a first-match mask (derivations N4).
+
+    .. math::
+        y[n, c, h, w] = \\max_{a, b \\in \\{0, 1\\}} x[n, c, 2h + a, 2w + b], \\qquad
+        dx = M \\odot \\mathrm{up}(dy)
+
+    where the mask ``M`` marks, in each window, the FIRST position (row-major) that attains the
+    max: ties (common under fake quantisation) send the window's gradient once, not once per
+    tied entry. With ``relu=True`` the layer computes ``relu(maxpool(x)) = maxpool(relu(x))``
+    on the pooled (4x smaller) array: windows whose max is <= 0 output 0 and pass no gradient,
+    exactly as a ReLU before the pool would (N4).
+
+    Shapes: x (N, C, H, W) -> y (N, C, H // 2, W // 2); an odd last row/column is dropped
+    (and gets zero gradient).
+    """
+
+    def __init__(self, relu=False):
+        super().__init__()
+        if not isinstance(relu, (bool, np.bool_)):
+            raise TypeError(f"relu must be a bool, got {type(relu).__name__} {relu!r}")
+        self.relu = bool(relu)
+
+    def forward(self, x, train=True):
+        name = type(self).__name__
+        if not hasattr(x, "ndim") or x.ndim != 4 or x.shape[2] < 2 or x.shape[3] < 2:
+            raise MecrefError(f"{name}: x must be (N, C, H, W) with H, W >= 2, "
+                              f"got shape {tuple(getattr(x, 'shape', ()))}")
+        xp = array_module(x)
+        N, C, H, W = x.shape
+        Ho, Wo = H // 2, W // 2
+        x6 = x[:, :, :2 * Ho, :2 * Wo].reshape(N, C, Ho, 2, Wo, 2)
+        y = xp.maximum(xp.maximum(x6[:, :, :, 0, :, 0], x6[:, :, :, 0, :, 1]),
+                       xp.maximum(x6[:, :, :, 1, :, 0], x6[:, :, :, 1, :, 1]))
+        if self.relu:
+            xp.maximum(y, 0, out=y)
+        if train:
+            mask = self._buffer(xp, "mask", x6.shape, np.bool_)
+            xp.equal(x6, y[:, :, :, None, :, None], out=mask)
+            taken = y <= 0 if self.relu else xp.zeros(y.shape, dtype=np.bool_)
+            for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):        # first match wins
+                m = mask[:, :, :, a, :, b]
+                m &= ~taken
+                taken |= m
+            self._cache = (mask, x.shape, y.shape)
+        return y
+
+    def backward(self, dy):
+        mask, x_shape, y_shape = self._pending()
+        _check_dy(self, dy, y_shape)
+        xp = array_module(dy)
+        N, C, Ho, Wo = y_shape
+        dx6 = mask * dy[:, :, :, None, :, None]
+        if x_shape[2:] == (2 * Ho, 2 * Wo):
+            return dx6.reshape(x_shape)
+        dx = xp.zeros(x_shape, dtype=dy.dtype)
+        dx[:, :, :2 * Ho, :2 * Wo] = dx6.reshape(N, C, 2 * Ho, 2 * Wo)
+        return dx
+
+
+class BatchNorm2d(Layer):
+    """Batch normalisation over (N, H, W) per channel (derivations N3).
+
+    Train mode, with ``M = N H W`` values per channel:
+
+    .. math::
+        \\mu = \\tfrac1M \\sum x, \\quad \\sigma^2 = \\tfrac1M \\sum (x - \\mu)^2, \\quad
+        \\hat x = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}, \\quad y = \\gamma \\hat x + \\beta
+
+        dx = \\frac{\\gamma}{M \\sqrt{\\sigma^2 + \\epsilon}}
+             \\Big(M\\, dy - \\textstyle\\sum dy - \\hat x \\sum dy\\, \\hat x\\Big), \\quad
+        d\\gamma = \\textstyle\\sum dy\\, \\hat x, \\quad d\\beta = \\textstyle\\sum dy
+
+    Running statistics (buffers ``running_mean``, ``running_var``) follow
+    ``r <- (1 - momentum) r + momentum * batch`` with the unbiased batch variance
+    ``M / (M - 1) sigma^2`` (as PyTorch); eval mode normalises with them instead.
+
+    Shapes: x, y (N, C, H, W); gamma, beta, running_mean, running_var (C,).
+    """
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, backend="numpy"):
+        super().__init__()
+        C = check_int("num_features", num_features, 1)
+        if not (isinstance(momentum, numbers.Real) and 0.0 <= float(momentum) <= 1.0):
+            raise MecrefError(f"momentum must be a real in [0, 1], got {momentum!r}")
+        if not (isinstance(eps, numbers.Real) and float(eps) > 0):
+            raise MecrefError(f"eps must be a real > 0, got {eps!r}")
+        self.momentum, self.eps = float(momentum), float(eps)
+        xp = get_xp(backend)
+        self.params = {"gamma": xp.ones(C, dtype=np.float32), "beta": xp.zeros(C, dtype=np.float32)}
+        self.buffers = {"running_mean": xp.zeros(C, dtype=np.float32),
+                        "running_var": xp.ones(C, dtype=np.float32)}
+        self.no_decay = {"gamma", "beta"}
+
+    def forward(self, x, train=True):
+        _check_image(self, x, self.params["gamma"].shape[0])
+        xp = array_module(x)
+        N, C, H, W = x.shape
+        x3 = x.reshape(N, C, H * W)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if not train:
+            scale = gamma / xp.sqrt(self.buffers["running_var"] + self.eps)
+            shift = beta - self.buffers["running_mean"] * scale
+            y = x3 * scale[:, None]
+            y += shift[:, None]
+            return y.reshape(x.shape)
+        M = N * H * W
+        if M < 2:
+            raise MecrefError(f"BatchNorm2d in train mode needs more than one value per channel, "
+                              f"got x of shape {tuple(x.shape)}")
+        mu = x3.mean(axis=(0, 2))
+        xhat = xp.subtract(x3, mu[:, None], out=self._buffer(xp, "xhat", x3.shape, x.dtype))
+        var = xp.einsum("ncp,ncp->c", xhat, xhat) / M
+        inv_std = 1.0 / xp.sqrt(var + self.eps)
+        xhat *= inv_std[:, None]
+        y = xhat * gamma[:, None]
+        y += beta[:, None]
+        r = self.momentum
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= 1 - r
+        rm += r * mu.astype(rm.dtype)
+        rv *= 1 - r
+        rv += (r * M / (M - 1)) * var.astype(rv.dtype)
+        self._cache = (xhat, inv_std, x.shape)
+        return y.reshape(x.shape)
+
+    def backward(self, dy):
+        xhat, inv_std, x_shape = self._pending()
+        _check_dy(self, dy, x_shape)
+        N, C, H, W = x_shape
+        M = N * H * W
+        dy3 = dy.reshape(N, C, H * W)
+        dbeta = dy3.sum(axis=(0, 2))
+        dgamma = (dy3 * xhat).sum(axis=(0, 2))
+        self.grads["beta"], self.grads["gamma"] = dbeta, dgamma
+        dx = xhat * (dgamma / M)[:, None]
+        dx -= dy3
+        dx += (dbeta / M)[:, None]
+        dx *= (-self.params["gamma"] * inv_std)[:, None]
+        return dx.reshape(x_shape)
+
+
+class GlobalAvgPool2d(Layer):
+    """``y[n, c] = (1/HW) sum_{h,w} x[n, c, h, w]``; ``dx = dy / HW`` broadcast (N5).
+
+    Shapes: x (N, C, H, W) -> y (N, C).
+    """
+
+    def forward(self, x, train=True):
+        if not hasattr(x, "ndim") or x.ndim != 4:
+            raise MecrefError(f"GlobalAvgPool2d: x must be (N, C, H, W), "
+                              f"got shape {tuple(getattr(x, 'shape', ()))}")
+        if train:
+            self._cache = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dy):
+        x_shape = self._pending()
+        _check_dy(self, dy, x_shape[:2])
+        xp = array_module(dy)
+        dx = xp.empty(x_shape, dtype=dy.dtype)
+        dx[...] = (dy * (1.0 / (x_shape[2] * x_shape[3])))[:, :, None, None]
+        return dx
+
+
+class Flatten(Layer):
+    """(N, ...) -> (N, prod(...)); backward reshapes back (N5)."""
+
+    def forward(self, x, train=True):
+        if not hasattr(x, "ndim") or x.ndim < 2:
+            raise MecrefError(f"Flatten: x must have a batch axis and at least one more, "
+                              f"got shape {tuple(getattr(x, 'shape', ()))}")
+        if train:
+            self._cache = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        x_shape = self._pending()
+        _check_dy(self, dy, (x_shape[0], int(np.prod(x_shape[1:]))))
+        return dy.reshape(x_shape)
+
+
+# ============================================================================ fake quantization
+class _FakeQuant:
+    """Weight and input fake quantization of one layer (derivations N9).
+
+    Mixed into :class:`QuantConv2d` and :class:`QuantLinear`; its params and buffers live in
+    the layer's own dicts. Per scheme:
+
+    ======================  ===============================================  =====================
+    scheme                  weights (signed, per output channel unless said)  input activations
+    ======================  ===============================================  =====================
+    ``"ste"``               ``s = max|w| / Qp``, recomputed each forward,     ``s = a_max / Qp``, a_max an
+                            constant for the gradient (STE)                   EMA of the batch max (buffer)
+    ``"dorefa_pact"``       DoReFa (per tensor)                               PACT, learnable ``alpha``
+    ``"lsq"``               LSQ, learnable ``s_w``                            LSQ, learnable ``s_a`` (per tensor)
+    ``"lsqplus"``           LSQ+ (symmetric: LSQ with LSQ+'s init)            LSQ+, learnable ``s_a``, ``beta_a``
+    ======================  ===============================================  =====================
+
+    Data-driven initial values are set at the layer's first forward (buffer ``ready`` flips
+    to 1 and travels with the state dict, so a loaded model is not re-initialised).
+    """
+
+    def _setup_quant(self, scheme, w_bits, a_bits, a_signed, a_shape):
+        self.scheme = check_choice("scheme", scheme, SCHEMES)
+        self.w_bits = _check_qbits("w_bits", w_bits)
+        self.a_bits = _check_qbits("a_bits", a_bits)
+        if not isinstance(a_signed, (bool, np.bool_)):
+            raise TypeError(f"a_signed must be a bool, got {type(a_signed).__name__} {a_signed!r}")
+        self.a_signed = bool(a_signed)
+        W = self.params["W"]
+        xp = array_module(W)
+        w_shape = (W.shape[0],) + (1,) * (W.ndim - 1)          # per output channel
+        new = {}
+        if self.w_bits != FULL_PRECISION and scheme in ("lsq", "lsqplus"):
+            new["s_w"] = xp.ones(w_shape, dtype=np.float32)
+        if self.a_bits != FULL_PRECISION:
+            kind = self._act_kind()
+            if kind == "ste":
+                self.buffers["a_max"] = xp.ones(a_shape, dtype=np.float32)
+            elif kind == "pact":
+                new["alpha"] = xp.ones(a_shape, dtype=np.float32)
+            else:
+                new["s_a"] = xp.ones(a_shape, dtype=np.float32)
+                if kind == "lsqplus":
+                    new["beta_a"] = xp.zeros(a_shape, dtype=np.float32)
+        if self.w_bits != FULL_PRECISION or self.a_bits != FULL_PRECISION:
+            self.buffers["ready"] = xp.zeros((), dtype=np.float32)
+        self.params.update(new)
+        self.no_decay |= set(new)
+        self.positive |= set(new) - {"beta_a"}
+        self._qcache = None
+
+    def _act_kind(self):
+        """The activation quantizer: PACT is unsigned only, so signed inputs (the first layer)
+        of a "dorefa_pact" layer use the STE range quantizer (N9)."""
+        if self.scheme == "dorefa_pact":
+            return "ste" if self.a_signed else "pact"
+        return self.scheme
+
+    # --- data-driven initial values (first forward) ---------------------------------------
+    def _init_quant(self, x):
+        W = self.params["W"]
+        if "s_w" in self.params:
+            if self.scheme == "lsq":
+                s = quant.lsq_init_step(W, self.w_bits, signed=True, per_channel=True)
+            else:
+                s, _ = quant.lsqplus_init(W, self.w_bits, signed=True, per_channel=True)
+            self.params["s_w"][...] = s.reshape(self.params["s_w"].shape)
+        if self.a_bits != FULL_PRECISION:
+            kind = self._act_kind()
+            if kind == "ste":
+                self.buffers["a_max"][...] = self._batch_max(x)
+            elif kind == "pact":      # the same initial grid as LSQ: alpha = Qp * s0
+                _, Qp = quant.qrange(self.a_bits, False)
+                self.params["alpha"][...] = Qp * quant.lsq_init_step(x, self.a_bits, signed=False)
+            elif kind == "lsq":
+                self.params["s_a"][...] = quant.lsq_init_step(x, self.a_bits, signed=self.a_signed)
+            else:
+                s, beta = quant.lsqplus_init(x, self.a_bits, signed=self.a_signed)
+                self.params["s_a"][...] = s
+                self.params["beta_a"][...] = beta
+        self.buffers["ready"][...] = 1
+
+    def _batch_max(self, x):
+        xp = array_module(x)
+        return (xp.abs(x) if self.a_signed else x).max()
+
+    # --- weights ---------------------------------------------------------------------------
+    def _quant_w(self, W, train):
+        """Fake-quantized weight and what its backward needs."""
+        if self.w_bits == FULL_PRECISION:
+            return W, None
+        xp = array_module(W)
+        bits = self.w_bits
+        if self.scheme == "ste":
+            _, Qp = quant.qrange(bits, True)
+            axes = tuple(range(1, W.ndim))
+            s = xp.maximum(xp.abs(W).max(axis=axes, keepdims=True), np.finfo(W.dtype).tiny) / Qp
+            return quant.ste_quantize(W, s, bits, signed=True)
+        if self.scheme == "dorefa_pact":
+            return quant.dorefa_weight_quantize(W, bits)
+        # lsq and lsqplus: LSQ+ keeps weights symmetric (beta = 0), which is LSQ's quantizer
+        return quant.lsq_quantize(W, self.params["s_w"], bits, signed=True)
+
+    def _quant_w_backward(self, cache, dWq):
+        if self.w_bits == FULL_PRECISION:
+            return dWq
+        if self.scheme == "ste":
+            return quant.ste_quantize_backward(cache, dWq)
+        if self.scheme == "dorefa_pact":
+            return quant.dorefa_weight_quantize_backward(cache, dWq)
+        dW, self.grads["s_w"] = quant.lsq_quantize_backward(cache, dWq)
+        return dW
+
+    # --- input activations ----------------------------------------------------------------
+    def _quant_x(self, x, train):
+        if self.a_bits == FULL_PRECISION:
+            return x, None
+        bits, signed = self.a_bits, self.a_signed
+        kind = self._act_kind()
+        if kind == "ste":
+            a_max = self.buffers["a_max"]
+            if train:
+                r = STE_EMA_MOMENTUM
+                a_max *= 1 - r
+                a_max += r * self._batch_max(x)
+            _, Qp = quant.qrange(bits, signed)
+            s = array_module(x).maximum(a_max, np.finfo(x.dtype).tiny) / Qp
+            return quant.ste_quantize(x, s, bits, signed=signed)
+        if kind == "pact":
+            return quant.pact_quantize(x, self.params["alpha"], bits)
+        # LSQ's gradient scale counts the features of one sample: g = 1/sqrt(N_feat Qp)
+        _, Qp = quant.qrange(bits, signed)
+        g = 1.0 / math.sqrt((x.size // x.shape[0]) * Qp)
+        if kind == "lsq":
+            return quant.lsq_quantize(x, self.params["s_a"], bits, signed=signed, grad_scale=g)
+        return quant.lsqplus_quantize(x, self.params["s_a"], self.params["beta_a"], bits,
+                                      signed=signed, grad_scale=g)
+
+    def _quant_x_backward(self, cache, dxq):
+        if self.a_bits == FULL_PRECISION:
+            return dxq
+        kind = self._act_kind()
+        if kind == "ste":
+            return quant.ste_quantize_backward(cache, dxq)
+        if kind == "pact":
+            dx, self.grads["alpha"] = quant.pact_quantize_backward(cache, dxq)
+        elif kind == "lsq":
+            dx, self.grads["s_a"] = quant.lsq_quantize_backward(cache, dxq)
+        else:
+            dx, self.grads["s_a"], self.grads["beta_a"] = quant.lsqplus_quantize_backward(cache, dxq)
+        return dx
+
+    def _learns_from_input(self):
+        """True when the input quantizer has a learnable param (it needs dx to get its grad)."""
+        return any(k in self.params for k in ("alpha", "s_a", "beta_a"))
+
+    def _quant_forward(self, x, train, core):
+        """Quantize x and W, run the layer's core, cache the quantizer caches (train)."""
+        if "ready" in self.buffers and not float(self.buffers["ready"]):
+            self._init_quant(x)
+        xq, cx = self._quant_x(x, train)
+        Wq, cw = self._quant_w(self.params["W"], train)
+        y = core(xq, Wq, train)
+        if train:
+            self._qcache = (cx, cw)
+        return y
+
+    def _quant_describe(self):
+        return f"scheme={self.scheme!r}, w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={self.a_signed}"
+
+
+class QuantConv2d(_FakeQuant, Conv2d):
+    """Conv2d on fake-quantized weights and inputs (derivations N9).
+
+    .. math::
+        y = \\mathrm{conv}(q_a(x), q_w(W)), \\qquad
+        dW = q_w'^T \\big(\\mathrm{dW}_q\\big), \\quad dx = q_a'^T \\big(\\mathrm{dx}_q\\big)
+
+    where ``dW_q``, ``dx_q`` are :class:`Conv2d`'s gradients at the quantized operands and
+    ``q'^T`` the quantizer's backward (which also fills the grads of its own step, clip or
+    offset).
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, bias, backend, seed
+        as :class:`Conv2d`.
+    scheme : one of :data:`SCHEMES`
+    w_bits, a_bits : int, 1..8 or 32 (full precision: no quantizer for that operand)
+    a_signed : bool
+        Signed input codes (normalised images of the first layer) or unsigned (after ReLU).
+
+    Params added per scheme: ``s_w`` (F, 1, 1, 1); ``s_a``, ``beta_a``, ``alpha`` (1, 1, 1, 1).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, bias=True,
+                 scheme="lsq", w_bits=4, a_bits=4, a_signed=False, backend="numpy", seed=0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, backend, seed)
+        self._setup_quant(scheme, w_bits, a_bits, a_signed, (1, 1, 1, 1))
+
+    def forward(self, x, train=True):
+        self._check_input(x)
+        return self._quant_forward(x, train, self._conv_forward)
+
+    def backward(self, dy):
+        self._pending()
+        cx, cw = self._qcache
+        dWq, dxq = self._conv_backward(dy, self.input_grad or self._learns_from_input())
+        self.grads["W"] = self._quant_w_backward(cw, dWq)
+        dx = self._quant_x_backward(cx, dxq) if dxq is not None else None
+        return dx if self.input_grad else None
+
+    def __repr__(self):
+        return f"QuantConv2d(W{tuple(self.params['W'].shape)}, {self._quant_describe()})"
+
+
+class QuantLinear(_FakeQuant, Linear):
+    """Linear layer on fake-quantized weights and inputs (derivations N9); see
+    :class:`QuantConv2d` for the schemes. Params added: ``s_w`` (out, 1); ``s_a``, ``beta_a``,
+    ``alpha`` (1, 1)."""
+
+    def __init__(self, in_features, out_features, bias=True, scheme="lsq", w_bits=4, a_bits=4,
+                 a_signed=False, backend="numpy", seed=0):
+        super().__init__(in_features, out_features, bias, backend, seed)
+        self._setup_quant(scheme, w_bits, a_bits, a_signed, (1, 1))
+
+    def forward(self, x, train=True):
+        self._check_input(x)
+        return self._quant_forward(x, train, self._linear_forward)
+
+    def backward(self, dy):
+        self._pending()
+        cx, cw = self._qcache
+        dWq, dxq = self._linear_backward(dy)
+        self.grads["W"] = self._quant_w_backward(cw, dWq)
+        dx = self._quant_x_backward(cx, dxq)
+        return dx if self.input_grad else None
+
+    def __repr__(self):
+        return f"QuantLinear(W{tuple(self.params['W'].shape)}, {self._quant_describe()})"
+
+
+# ============================================================================ containers
+class _Container:
+    """Named layers: ``named_params``, ``state_dict``, ``load_state_dict``, ``astype``."""
+
+    def __init__(self, layers, names):
+        if len(names) != len(layers) or len(set(names)) != len(names):
+            raise MecrefError(f"names must be unique, one per layer, got {names!r}")
+        self.layers, self.names = list(layers), list(names)
+
+    def named_params(self):
+        """Yield ``(name, layer, key)`` for every trainable param (``name = "<layer>.<key>"``)."""
+        for lname, layer in zip(self.names, self.layers):
+            for key in layer.params:
+                yield f"{lname}.{key}", layer, key
+
+    def _entries(self):
+        for lname, layer in zip(self.names, self.layers):
+            for d in (layer.params, layer.buffers):
+                for key in d:
+                    yield f"{lname}.{key}", d, key
+
+    def state_dict(self):
+        """Host copies of every param and buffer: ``{"<layer>.<key>": np.ndarray}``."""
+        return {name: np.array(to_host(d[key]), copy=True) for name, d, key in self._entries()}
+
+    def load_state_dict(self, state):
+        """Copy a :meth:`state_dict` in, in place; refuses (MecrefError, nothing loaded) on
+        missing or extra keys, shape mismatches or non-finite values."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
+        entries = {name: (d, key) for name, d, key in self._entries()}
+        missing = sorted(set(entries) - set(state))
+        extra = sorted(set(state) - set(entries))
+        if missing or extra:
+            raise MecrefError(f"state dict does not match the model: missing keys {missing}, "
+                              f"unexpected keys {extra}")
+        for name, (d, key) in entries.items():
+            v = state[name]
+            if not hasattr(v, "shape") or tuple(v.shape) != tuple(d[key].shape):
+                raise MecrefError(f"state dict entry {name!r} has shape "
+                                  f"{tuple(getattr(v, 'shape', ()))}, the model expects "
+                                  f"{tuple(d[key].shape)}")
+            if not np.isfinite(np.asarray(to_host(v), dtype=np.float64)).all():
+                raise MecrefError(f"state dict entry {name!r} has NaN or inf values")
+        for name, (d, key) in entries.items():
+            xp = array_module(d[key])
+            d[key][...] = xp.asarray(state[name], dtype=d[key].dtype)
+
+    def astype(self, dtype):
+        """Cast every layer's params and buffers (float64 for gradient checks); returns self."""
+        for layer in self.layers:
+            layer.astype(dtype)
+        return self
+
+
+class Sequential(_Container):
+    """Layers applied in order; backward in reverse. ``names`` default to "0", "1", ...
+
+    .. math:: y = f_L(\\cdots f_1(x)), \\qquad dx = f_1'^T(\\cdots f_L'^T(dy))
+    """
+
+    def __init__(self, *layers, names=None):
+        super().__init__(layers, list(names) if names is not None else [str(i) for i in range(len(layers))])
+
+    def forward(self, x, train=True):
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+
+class SmallCNN(_Container):
+    """The experiments' network (derivations N10); build it with :func:`small_cnn`.
+
+    ``forward(x, train) -> (logits, features)`` with features the (N, C3) penultimate
+    (global-average-pooled, un-normalised) activations; ``backward(dlogits, dfeatures=None)``
+    adds ``dfeatures`` (e.g. an entropy regulariser's gradient) at that point:
+
+    .. math::
+        \\frac{\\partial L}{\\partial z} = W_{fc}^{T\\!}\\text{-path}(dlogits) + dfeatures
+
+    Attributes: ``layers``, ``names``, ``config`` (``small_cnn(**config)`` rebuilds it).
+    """
+
+    def __init__(self, layers, names, config):
+        super().__init__(layers, names)
+        self.config = config
+
+    def forward(self, x, train=True):
+        """x (N, C_in, H, W) floating -> logits (N, num_classes), features (N, C3)."""
+        check_array("x", x, ndim=4)
+        W0 = self.layers[0].params["W"]
+        if x.dtype != W0.dtype:
+            raise TypeError(f"x must have the model's dtype {W0.dtype}, got {x.dtype}")
+        h = x
+        for layer in self.layers[:-1]:
+            h = layer.forward(h, train)
+        return self.layers[-1].forward(h, train), h
+
+    def backward(self, dlogits, dfeatures=None):
+        """Fill every layer's grads; returns the input gradient only if the first layer's
+        ``input_grad`` is True (it is False in :func:`small_cnn`: images need none)."""
+        d = self.layers[-1].backward(dlogits)
+        if dfeatures is not None:
+            if not hasattr(dfeatures, "shape") or tuple(dfeatures.shape) != tuple(d.shape):
+                raise MecrefError(f"dfeatures must have the features' shape {tuple(d.shape)}, "
+                                  f"got {tuple(getattr(dfeatures, 'shape', ()))}")
+            d = d + dfeatures
+        for layer in reversed(self.layers[:-1]):
+            d = layer.backward(d)
+        return d
+
+    def __repr__(self):
+        body = "\n".join(f"  ({n}): {l!r}" for n, l in zip(self.names, self.layers))
+        return f"SmallCNN(\n{body}\n)"
+
+
+def small_cnn(quantizer=None, w_bits=32, a_bits=32, first_last_bits=8, width=(16, 32, 64),
+              num_classes=10, backend="numpy", seed=0):
+    """The small CNN of the experiments (derivations N10), 1 x 28 x 28 inputs::
+
+        conv3x3(1->c1, pad 1) + BN + ReLU + maxpool2      28 -> 14
+        conv3x3(c1->c2, pad 1) + BN + ReLU + maxpool2     14 -> 7
+        conv3x3(c2->c3, pad 1) + BN + ReLU
+        global average pool -> features (N, c3)
+        linear(c3 -> num_classes) -> logits
+
+    Convolutions carry no bias (BatchNorm's beta takes its place); each ReLU before a pool is
+    folded into the pool (``MaxPool2d(relu=True)``).
+
+    Parameters
+    ----------
+    quantizer : None (full precision) or one of :data:`SCHEMES`
+    w_bits, a_bits : int, 1..8 or 32
+        Bits of the inner layers (conv2, conv3). With ``quantizer=None`` both must be 32.
+    first_last_bits : int, 1..8 or 32
+        Bits (weights and input) of conv1 and the final linear layer; ignored when
+        ``quantizer=None``. conv1's input (normalised images) is signed, the others unsigned.
+    width : three ints (c1, c2, c3)
+    num_classes : int >= 2
+    backend : "numpy" or "cupy"
+    seed : int, the init seed (one numpy Generator draws every layer in order)
+
+    Returns
+    -------
+    SmallCNN, with ``config`` holding these arguments (``width`` as a list).
+    """
+    if quantizer is not None:
+        check_choice("quantizer", quantizer, SCHEMES)
+    w_bits, a_bits = _check_qbits("w_bits", w_bits), _check_qbits("a_bits", a_bits)
+    first_last_bits = _check_qbits("first_last_bits", first_last_bits)
+    if quantizer is None and (w_bits != FULL_PRECISION or a_bits != FULL_PRECISION):
+        raise MecrefError(f"quantizer=None is full precision: w_bits and a_bits must be 32, "
+                          f"got w_bits={w_bits}, a_bits={a_bits} (name a quantizer from {SCHEMES})")
+    if (not isinstance(width, (tuple, list)) or len(width) != 3
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in width)):
+        raise MecrefError(f"width must be three positive ints, got {width!r}")
+    c1, c2, c3 = (int(w) for w in width)
+    num_classes = check_int("num_classes", num_classes, 2)
+    seed = check_int("seed", seed, 0)
+    get_xp(backend)
+    rng = np.random.default_rng(seed)
+
+    def conv(cin, cout, wb, ab, signed):
+        if quantizer is None or (wb == FULL_PRECISION and ab == FULL_PRECISION):
+            return Conv2d(cin, cout, 3, 1, 1, bias=False, backend=backend, seed=rng)
+        return QuantConv2d(cin, cout, 3, 1, 1, bias=False, scheme=quantizer, w_bits=wb, a_bits=ab,
+                           a_signed=signed, backend=backend, seed=rng)
+
+    fl = first_last_bits
+    conv1 = conv(1, c1, fl, fl, True)
+    conv1.input_grad = False
+    layers = [conv1, BatchNorm2d(c1, backend=backend), MaxPool2d(relu=True),
+              conv(c1, c2, w_bits, a_bits, False), BatchNorm2d(c2, backend=backend), MaxPool2d(relu=True),
+              conv(c2, c3, w_bits, a_bits, False), BatchNorm2d(c3, backend=backend), ReLU(),
+              GlobalAvgPool2d()]
+    if quantizer is None or fl == FULL_PRECISION:
+        layers.append(Linear(c3, num_classes, backend=backend, seed=rng))
+    else:
+        layers.append(QuantLinear(c3, num_classes, scheme=quantizer, w_bits=fl, a_bits=fl,
+                                  a_signed=False, backend=backend, seed=rng))
+    names = ["conv1", "bn1", "pool1", "conv2", "bn2", "pool2", "conv3", "bn3", "relu3", "gap", "fc"]
+    config = dict(quantizer=quantizer, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
+                  width=[c1, c2, c3], num_classes=num_classes, backend=backend, seed=seed)
+    return SmallCNN(layers, names, config)
