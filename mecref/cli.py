@@ -80,12 +80,165 @@ def _run_train(args):
     return 0
 
 
+def _bits_pair(text):
+    """'W2A4' (or '2,4') -> (2, 4): weight bits, activation bits."""
+    t = text.strip().upper()
+    try:
+        if t.startswith("W") and "A" in t:
+            w, a = t[1:].split("A")
+        else:
+            w, a = t.split(",")
+        return int(w), int(a)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit-width like W2A4 or 2,4, got {text!r}") from None
+
+
+def _add_grid_common(p, seeds):
+    """Options every grid verb shares; unset ones keep TrainConfig's defaults."""
+    p.add_argument("--out", required=True, help="folder for runs/, checkpoints/ and the results files")
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds, help="seeds per configuration (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs of every cell (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes running cells, each with 1 BLAS thread; 1 runs in this process (default: %(default)s)")
+    p.add_argument("--dataset", choices=["bundled", "fashion-mnist", "idx"], default=None,
+                   help="bundled (default), fashion-mnist or idx (with --data-dir)")
+    p.add_argument("--data-dir", default=None, help="folder with train/t10k IDX files")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help="numpy (default) or cupy")
+    p.add_argument("--batch-size", type=int, default=None, help="images per view and step (default: TrainConfig's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images (quick runs)")
+    p.add_argument("--width", type=int, nargs=3, default=None, metavar=("C1", "C2", "C3"),
+                   help="channels of the three conv layers (default: TrainConfig's)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _grid_common(args) -> dict:
+    names = ("dataset", "data_dir", "backend", "batch_size", "lr", "train_limit", "width")
+    common = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if "width" in common:
+        common["width"] = tuple(common["width"])
+    return common
+
+
+def _add_table(sub):
+    p = sub.add_parser("table", help="run (or resume) the main grid or the sweep and print the results table",
+                       description="Run every (configuration, seed) cell of a grid that is not "
+                       "cached in --out/runs yet (an interrupted grid resumes), then write "
+                       "results.csv and results.json and print a Markdown table of test accuracy "
+                       "(mean ± std over seeds) and seconds per epoch.")
+    p.add_argument("--grid", choices=["main", "sweep"], default="main",
+                   help="main: FP32, STE, DoReFa+PACT, LSQ, LSQ+, MEC-Quant (exact, Taylor, MOE) at "
+                        "each bit-width; sweep: MEC-Quant hyperparameters at W2A2 on a validation split")
+    _add_grid_common(p, seeds=[0, 1, 2])
+    p.add_argument("--bits", type=_bits_pair, nargs="+", default=None,
+                   help="bit-widths of the main grid, e.g. W4A4 W2A2 (default: W4A4 W3A3 W2A2 W2A4)")
+    _add_settings(p)
+    p.add_argument("--dry-run", action="store_true", help="list the cells and which are cached; train nothing")
+    p.set_defaults(func=_run_table)
+
+
+def _add_settings(p):
+    p.add_argument("--from-sweep", default=None, metavar="DIR",
+                   help="use the MEC-Quant settings with the best validation accuracy in this sweep folder")
+    p.add_argument("--settings", type=_json_dict, default=None, metavar="JSON",
+                   help='MEC-Quant settings per form, e.g. \'{"mec": {"reg_weight": 1.0, "eps": 0.25}}\' '
+                        "(default: mecref.experiments.default_settings)")
+
+
+def _json_dict(text):
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _run_table(args):
+    from .experiments import run_table
+    kw = dict(epochs=args.epochs, **_grid_common(args))
+    if args.grid == "main":
+        kw.update({k: v for k, v in dict(bits=args.bits, settings=args.settings).items()
+                   if v is not None})
+    elif args.bits or args.settings or args.from_sweep:
+        raise MecrefError("--bits, --settings and --from-sweep belong to --grid main; "
+                          "`mecref sweep --help` lists the sweep's options")
+    print(run_table(args.grid, args.seeds, args.out, workers=args.workers,
+                    progress=not args.quiet, dry_run=args.dry_run, from_sweep=args.from_sweep, **kw))
+    return 0
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="sweep MEC-Quant's beta, eps, Taylor order and experts at W2A2 (validation split)",
+                       description="Train LSQ + MEC at W2A2 over a grid of reg weights and eps "
+                       "(exact form), orders (Taylor form) and experts (MOE form) on a training "
+                       "split, judge each on a validation split held out of the training set, "
+                       "write results.csv/json and sweep.png, and name the best setting per form.")
+    _add_grid_common(p, seeds=[0])
+    p.add_argument("--val-size", type=int, default=2000, help="training images held out for validation (default: %(default)s)")
+    p.add_argument("--reg-weights", type=float, nargs="+", default=[0.1, 0.5, 2.0], help="betas, every form (default: %(default)s)")
+    p.add_argument("--eps-values", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="eps values of the exact and MOE forms (default: %(default)s)")
+    p.add_argument("--taylor-eps-values", type=float, nargs="+", default=None,
+                   help="eps values of the Taylor form (default: 4 8 16 for d=64; the series needs eps > sqrt(d) to converge for any features)")
+    p.add_argument("--orders", type=int, nargs="+", default=[2, 4, 8], help="Taylor orders (default: %(default)s)")
+    p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="MOE expert counts (default: %(default)s)")
+    p.add_argument("--bits", type=_bits_pair, default=(2, 2), help="bit-width, e.g. W2A2 (default: W2A2)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and which are cached; train nothing")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args):
+    from .experiments import run_table
+    print(run_table("sweep", args.seeds, args.out, workers=args.workers, progress=not args.quiet,
+                    dry_run=args.dry_run, epochs=args.epochs, reg_weights=args.reg_weights,
+                    eps_values=args.eps_values, taylor_eps_values=args.taylor_eps_values,
+                    orders=args.orders, experts=args.experts, w_bits=args.bits[0], a_bits=args.bits[1],
+                    val_size=args.val_size, **_grid_common(args)))
+    return 0
+
+
+def _add_diagnose(sub):
+    p = sub.add_parser("diagnose", help="feature diagnostics of FP32, LSQ and MEC-Quant models",
+                       description="Train (or reuse the cached checkpoints in --out of) FP32, LSQ "
+                       "and MEC-Quant models at the given bit-widths, then measure their "
+                       "penultimate features on the test images: covariance spectrum, effective "
+                       "rank, coding length per sample, class spread. Writes diagnostics.json, "
+                       "spectra_<bits>.png and diagnostics.png. With the same --out, --epochs and "
+                       "options as `mecref table`, it reuses that table's models.")
+    _add_grid_common(p, seeds=[0])
+    p.add_argument("--bits", type=_bits_pair, nargs="+", default=[(4, 4), (2, 2)],
+                   help="bit-widths, e.g. W4A4 W2A2 (default: W4A4 W2A2)")
+    p.add_argument("--reg", choices=["mec", "mec_taylor", "moe"], default="mec", help="MEC-Quant's form (default: %(default)s)")
+    _add_settings(p)
+    p.add_argument("--diag-eps", type=float, default=0.5, help="eps of the measured coding length (default: %(default)s)")
+    p.add_argument("--n-samples", type=int, default=2000, help="test images to measure on (default: %(default)s)")
+    p.set_defaults(func=_run_diagnose)
+
+
+def _run_diagnose(args):
+    from .diagnostics import diagnose, markdown_diagnostics
+    if len(args.seeds) != 1:
+        raise MecrefError(f"diagnose takes one seed, got --seeds {' '.join(map(str, args.seeds))}")
+    res = diagnose(args.out, bits=args.bits, epochs=args.epochs, seed=args.seeds[0],
+                   workers=args.workers, n_samples=args.n_samples, diag_eps=args.diag_eps,
+                   reg=args.reg, settings=args.settings, from_sweep=args.from_sweep,
+                   progress=not args.quiet, **_grid_common(args))
+    print(markdown_diagnostics(res["table"]))
+    print(f"\nwrote {args.out}/diagnostics.json, diagnostics.png and spectra_*.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mecref", description="MEC-Quant reference: maximum entropy coding for "
                      "low-bit quantization-aware training, in NumPy with hand-derived gradients.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_train(sub)
+    _add_table(sub)
+    _add_sweep(sub)
+    _add_diagnose(sub)
     return parser
 
 
