@@ -213,7 +213,9 @@ class Conv2d(Layer):
     bias : bool
     backend : "numpy" or "cupy"
     seed : int or numpy Generator
-        He-normal init ``W ~ N(0, 2 / (C k k))`` (ReLU follows); ``b = 0``.
+        Init as PyTorch's default, ``W, b ~ U(-1/sqrt(C k k), 1/sqrt(C k k))``. Before a
+        BatchNorm the scale of ``W`` does not change the function but sets the effective step
+        (``lr / |W|^2``), so PyTorch's scale keeps its hyperparameters transferable.
 
     Shapes: x (N, C, H, W) -> y (N, F, Ho, Wo), ``Ho = (H + 2 padding - k) // stride + 1``.
     ``input_grad = False`` makes ``backward`` skip dx (return None): the first layer of a
@@ -230,9 +232,10 @@ class Conv2d(Layer):
         self.padding = check_int("padding", padding, 0)
         xp = get_xp(backend)
         rng = np.random.default_rng(seed)
-        self.params["W"] = _float32(xp, rng.standard_normal((F, C, k, k)) * math.sqrt(2.0 / (C * k * k)))
+        bound = 1.0 / math.sqrt(C * k * k)
+        self.params["W"] = _float32(xp, rng.uniform(-bound, bound, (F, C, k, k)))
         if bias:
-            self.params["b"] = xp.zeros(F, dtype=np.float32)
+            self.params["b"] = _float32(xp, rng.uniform(-bound, bound, F))
             self.no_decay.add("b")
         self.input_grad = True
 
@@ -384,11 +387,15 @@ class MaxPool2d(Layer):
         y[n, c, h, w] = \\max_{a, b \\in \\{0, 1\\}} x[n, c, 2h + a, 2w + b], \\qquad
         dx = M \\odot \\mathrm{up}(dy)
 
-    where the mask ``M`` marks, in each window, the FIRST position (row-major) that attains the
-    max: ties (common under fake quantisation) send the window's gradient once, not once per
-    tied entry. With ``relu=True`` the layer computes ``relu(maxpool(x)) = maxpool(relu(x))``
-    on the pooled (4x smaller) array: windows whose max is <= 0 output 0 and pass no gradient,
-    exactly as a ReLU before the pool would (N4).
+    where the mask ``M`` marks, in each window, the FIRST position in row-major order
+    (top-left, top-right, bottom-left, bottom-right) that attains the max: ties (common under
+    fake quantisation) send the window's gradient once, not once per tied entry. It is built
+    in two strict comparisons, so a tie keeps the earlier position: the winning column of each
+    window row (``right > left``), then the winning row (``bottom max > top max``).
+
+    With ``relu=True`` the layer computes ``relu(maxpool(x)) = maxpool(relu(x))`` on the pooled
+    (4x smaller) array: windows whose max is <= 0 output 0 and pass no gradient, exactly as a
+    ReLU before the pool would (N4).
 
     Shapes: x (N, C, H, W) -> y (N, C, H // 2, W // 2); an odd last row/column is dropped
     (and gets zero gradient).
@@ -401,35 +408,43 @@ class MaxPool2d(Layer):
         self.relu = bool(relu)
 
     def forward(self, x, train=True):
-        name = type(self).__name__
         if not hasattr(x, "ndim") or x.ndim != 4 or x.shape[2] < 2 or x.shape[3] < 2:
-            raise MecrefError(f"{name}: x must be (N, C, H, W) with H, W >= 2, "
+            raise MecrefError(f"MaxPool2d: x must be (N, C, H, W) with H, W >= 2, "
                               f"got shape {tuple(getattr(x, 'shape', ()))}")
         xp = array_module(x)
         N, C, H, W = x.shape
         Ho, Wo = H // 2, W // 2
-        x6 = x[:, :, :2 * Ho, :2 * Wo].reshape(N, C, Ho, 2, Wo, 2)
-        y = xp.maximum(xp.maximum(x6[:, :, :, 0, :, 0], x6[:, :, :, 0, :, 1]),
-                       xp.maximum(x6[:, :, :, 1, :, 0], x6[:, :, :, 1, :, 1]))
+        x6 = x[:, :, :2 * Ho, :2 * Wo].reshape(N, C, Ho, 2, Wo, 2)   # (.., row a, .., col b)
+        left, right = x6[..., 0], x6[..., 1]                         # (N, C, Ho, 2, Wo)
+        rows = xp.maximum(left, right)                               # max of each window row
+        top, bottom = rows[:, :, :, 0], rows[:, :, :, 1]             # (N, C, Ho, Wo)
+        y = xp.maximum(top, bottom)
         if self.relu:
             xp.maximum(y, 0, out=y)
         if train:
-            mask = self._buffer(xp, "mask", x6.shape, np.bool_)
-            xp.equal(x6, y[:, :, :, None, :, None], out=mask)
-            taken = y <= 0 if self.relu else xp.zeros(y.shape, dtype=np.bool_)
-            for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):        # first match wins
-                m = mask[:, :, :, a, :, b]
-                m &= ~taken
-                taken |= m
-            self._cache = (mask, x.shape, y.shape)
+            right_wins = self._buffer(xp, "right", rows.shape, np.bool_)
+            xp.greater(right, left, out=right_wins)                  # ties: left column
+            row_wins = self._buffer(xp, "left", rows.shape, np.bool_)
+            xp.greater(bottom, top, out=row_wins[:, :, :, 1])        # ties: top row
+            xp.logical_not(row_wins[:, :, :, 1], out=row_wins[:, :, :, 0])
+            if self.relu:
+                row_wins &= (y > 0)[:, :, :, None, :]                # max <= 0: no gradient
+            mask_right = right_wins
+            mask_right &= row_wins
+            mask_left = row_wins
+            mask_left ^= mask_right                                  # row_wins & ~right_wins
+            self._cache = (mask_left, mask_right, x.shape, y.shape)
         return y
 
     def backward(self, dy):
-        mask, x_shape, y_shape = self._pending()
+        mask_left, mask_right, x_shape, y_shape = self._pending()
         _check_dy(self, dy, y_shape)
         xp = array_module(dy)
         N, C, Ho, Wo = y_shape
-        dx6 = mask * dy[:, :, :, None, :, None]
+        dx6 = xp.empty((N, C, Ho, 2, Wo, 2), dtype=dy.dtype)
+        dy5 = dy[:, :, :, None, :]
+        xp.multiply(mask_left, dy5, out=dx6[..., 0])
+        xp.multiply(mask_right, dy5, out=dx6[..., 1])
         if x_shape[2:] == (2 * Ho, 2 * Wo):
             return dx6.reshape(x_shape)
         dx = xp.zeros(x_shape, dtype=dy.dtype)
