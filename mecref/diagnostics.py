@@ -389,12 +389,13 @@ def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, wor
                    coding_length_per_sample=coding_length_per_sample(Zk, diag_eps),
                    within=spread["within_mean"], between=spread["between"],
                    between_within=spread["ratio"] if np.isfinite(spread["ratio"]) else None)
+        row["name"] = row["bits"] if row["bits"] == row["method"] else f"{row['bits']} {row['method']}"
         table.append(row)
-        spectra[f"{row['bits']} {row['method']}"] = lam.tolist()
+        spectra[row["name"]] = lam.tolist()
     if not table:
         raise MecrefError("diagnose: every model diverged; nothing to measure")
     for b in dict.fromkeys(r["bits"] for r in table if r["bits"] != "FP32"):
-        sel = {k: v for k, v in spectra.items() if k.startswith("FP32 ") or k.startswith(b + " ")}
+        sel = {r["name"]: spectra[r["name"]] for r in table if r["bits"] in ("FP32", b)}
         plot_spectra(sel, out / f"spectra_{b}.png", title=f"Feature covariance spectra, {b}")
     plot_diagnostics(table, out / "diagnostics.png")
     result = dict(table=table, spectra=spectra, n_samples=int(len(x)), diag_eps=diag_eps,

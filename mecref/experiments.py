@@ -33,7 +33,7 @@ to 1 in the environment the workers are spawned with (they read it before NumPy 
 and, where ``threadpoolctl`` is installed, the worker also limits its pools with it. The same
 environment raises glibc's mmap/trim thresholds (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``) unless they are already set, which keeps large temporaries from
-being re-mapped every step (docs/perf notes). ``workers=1`` runs the cells in this process with
+being re-mapped (and page-faulted) every step. ``workers=1`` runs the cells in this process with
 its BLAS unchanged. The seconds-per-epoch column therefore depends on ``workers``: each cell's
 record says how many BLAS threads it ran with (``blas_threads``, read with threadpoolctl; None
 where threadpoolctl is not installed).
@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from itertools import product
 from multiprocessing import get_context
@@ -55,7 +56,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .backend import MecrefError
 from .validate import check_int
 
@@ -161,9 +161,12 @@ def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
     seeds : list of int
     out_dir : str or Path
         Gets ``runs/<key>.json`` per finished cell, ``checkpoints/<key>/`` per cell, and
-        ``grid.json`` (this grid's configurations in order, used to order the summary).
+        ``grid.json`` (every configuration run in this folder, in first-run order: the order
+        of the summary).
     workers : int >= 1
         Processes to run cells in (see the module docstring); 1 runs them in this process.
+        Spawned workers re-import the main program, so with ``workers > 1`` it must be a file,
+        ``python -m``, the ``mecref`` command, pytest or a notebook (not ``python -``).
     progress : bool or callable
         True prints one line per finished cell on stderr (which cell, accuracy, time, how many
         are left); a callable gets ``(record, done, total)`` instead.
@@ -196,8 +199,7 @@ def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
     if len({k for _, k in cells}) != len(cells):
         raise MecrefError("the grid holds the same (config, seed) cell twice")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / "grid.json", dict(
-        configs=[cell_config(c, 0) | {"seed": None} for c in configs], seeds=list(map(int, seeds))))
+    _record_grid(out / "grid.json", configs)
 
     records, todo = {}, []
     for full, key in cells:
@@ -219,6 +221,18 @@ def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
     return [records[key] for _, key in cells]
 
 
+def _record_grid(path: Path, configs):
+    """Keep ``grid.json``: every configuration ever run in this folder, first-run order."""
+    known = json.loads(path.read_text())["configs"] if path.is_file() else []
+    seen = {group_key(c) for c in known}
+    for c in configs:
+        full = dict(cell_config(c, 0), seed=None)
+        if group_key(full) not in seen:
+            seen.add(group_key(full))
+            known.append(full)
+    _write_json_atomic(path, dict(configs=known))
+
+
 def _run_parallel(todo, out, workers, records, report):
     with _worker_environment(), ProcessPoolExecutor(
             max_workers=workers, mp_context=get_context("spawn"),
@@ -231,6 +245,13 @@ def _run_parallel(todo, out, workers, records, report):
                     key = pending.pop(fut)
                     records[key] = dict(fut.result(), from_cache=False)
                     report.done(records[key])
+        except BrokenProcessPool as exc:
+            raise MecrefError(
+                "a worker process died before finishing its cell (finished cells are cached). "
+                "Spawned workers re-import the main program: it must be a file, `python -m ...`, "
+                "the `mecref` command, pytest or a notebook, not code read from stdin "
+                "(`python -`); a worker can also be killed for lack of memory. Run with "
+                "workers=1 to see the error in this process") from exc
         except BaseException:
             for fut in pending:
                 fut.cancel()
@@ -271,6 +292,14 @@ def _dataset(name, data_dir):
     return _DATASETS[(name, data_dir)]
 
 
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("mecref")
+    except PackageNotFoundError:
+        return None
+
+
 def _blas_threads():
     """Threads of the loaded BLAS (threadpoolctl), or None where threadpoolctl is missing."""
     try:
@@ -288,7 +317,7 @@ def _run_cell(full: dict, out_dir: str, progress=False) -> dict:
     key = _digest(full)
     cfg = TrainConfig(**full).validate()
     rec = dict(key=key, group=group_key(full), label=method_label(full), bits=bits_label(full),
-               seed=full["seed"], config=full, mecref_version=__version__,
+               seed=full["seed"], config=full, mecref_version=_version(),
                blas_threads=_blas_threads(), pid=os.getpid())
     ckpt_dir = out / "checkpoints" / key
     try:
@@ -397,7 +426,7 @@ def summarize(out_dir, configs=None) -> list:
         A folder written by :func:`run_grid`.
     configs : list of dict, optional
         Only these configurations, in this order. Default: every cached run, ordered as in the
-        last ``grid.json`` (configurations not in it follow, by label).
+        ``grid.json`` (configurations not in it follow, by label).
 
     Returns
     -------
@@ -770,11 +799,13 @@ def plot_sweep(rows, path, metric: str = "val_acc_mean"):
             line = sorted(line, key=lambda r: r[x])
             ax.errorbar([r[x] for r in line], [100 * r[metric] for r in line],
                         yerr=[100 * (r.get(std_key) or 0.0) for r in line], marker="o", capsize=3,
-                        label=", ".join(f"{k} {v:g}" for k, v in zip(line_keys, key)))
+                        label=", ".join(f"{k} {v:.3g}" for k, v in zip(line_keys, key)))
         for r in base:
             ax.axhline(100 * r[metric], color="0.4", ls="--", label=f"{r['label']} (no reg.)")
         if x == "reg_weight":
             ax.set_xscale("log")
+        else:
+            ax.set_xticks(sorted({r[x] for line in lines.values() for r in line}))
         ax.set_xlabel({"reg_weight": "regulariser weight beta", "order": "Taylor order n",
                        "experts": "experts K"}[x])
         ax.set_ylabel(("validation" if metric.startswith("val") else "test") + " accuracy (%)")
@@ -823,7 +854,7 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
         best = best_settings(rows)
         _write_json_atomic(Path(out_dir, "best_settings.json"), best)
         text += "\n\n" + "\n".join(
-            f"- best {form} by validation accuracy: " + " ".join(f"{k}={v:g}" for k, v in s.items())
+            f"- best {form} by validation accuracy: " + " ".join(f"{k}={v:.4g}" for k, v in s.items())
             for form, s in best.items())
     return text
 

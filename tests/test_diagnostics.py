@@ -240,10 +240,11 @@ def test_diagnose_cli_trains_measures_and_reuses_cells(tmp_path, capsys):
     res = json.loads((tmp_path / "diagnostics.json").read_text())
     assert [(r["bits"], r["method"]) for r in res["table"]] == [
         ("FP32", "FP32"), ("W2A2", "LSQ"), ("W2A2", "MEC-Quant (exact)")]
+    assert [r["name"] for r in res["table"]] == ["FP32", "W2A2 LSQ", "W2A2 MEC-Quant (exact)"]
     for r in res["table"]:
         assert 1.0 <= r["effective_rank"] <= r["d"] and r["m"] + r["zero_rows"] == 200
         assert r["coding_length_per_sample"] > 0 and 0.0 <= r["accuracy"] <= 1.0
-        assert len(res["spectra"][f"{r['bits']} {r['method']}"]) == 8
+        assert len(res["spectra"][r["name"]]) == 8
     assert (tmp_path / "spectra_W2A2.png").is_file() and (tmp_path / "diagnostics.png").is_file()
     runs = sorted((tmp_path / "runs").glob("*.json"))
     mtimes = [p.stat().st_mtime_ns for p in runs]

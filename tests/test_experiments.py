@@ -70,6 +70,8 @@ def test_a_second_call_recomputes_nothing(grid):
     calls = []
     again = run_grid(CONFIGS, SEEDS, d, workers=1, progress=lambda *a: calls.append(a))
     assert calls == [] and _mtimes(d) == before
+    run_grid(CONFIGS[1:], SEEDS, d, workers=1, progress=False)  # a sub-grid keeps the order
+    assert [r["label"] for r in summarize(d)] == ["LSQ", "MEC-Quant (exact)"]
     assert all(r["from_cache"] for r in again)
     assert [r["test_acc"] for r in again] == [r["test_acc"] for r in records]
 
