@@ -342,7 +342,7 @@ def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, wor
     pointing ``out_dir`` at a main-table folder with the same ``epochs``, ``settings`` and
     ``common`` fields reuses its trained models (their checkpoints) instead of training again.
     ``from_sweep`` (a sweep folder) takes the settings with the best validation accuracy there
-    (:func:`mecref.experiments.best_settings`); explicit ``settings`` entries win over them.
+    (:func:`mecref.experiments.settings_from_sweep`); explicit ``settings`` entries win.
 
     On the first ``n_samples`` test images, for each model: accuracy, the covariance spectrum
     of the unit features, effective rank, coding length per sample at ``diag_eps`` (the same m
@@ -356,14 +356,14 @@ def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, wor
     -------
     dict, the content of ``diagnostics.json``
     """
-    from .experiments import _check_bits_list, best_settings, bits_label, main_grid, \
-        method_label, model_from_checkpoint, run_grid, summarize
+    from .experiments import _check_bits_list, bits_label, main_grid, method_label, \
+        model_from_checkpoint, run_grid, settings_from_sweep
     n_samples = check_int("n_samples", n_samples, 2)
     diag_eps = check_positive("diag_eps", diag_eps)
     check_choice("reg", reg, ("mec", "mec_taylor", "moe"))
     pairs = _check_bits_list(bits)
     if from_sweep is not None:
-        settings = dict(best_settings(summarize(from_sweep)), **(settings or {}))
+        settings = settings_from_sweep(from_sweep, settings)
     grid = main_grid(epochs=epochs, bits=pairs, settings=settings, **common)
     keep = [c for c in grid if c["quantizer"] == "fp32"
             or (c["quantizer"] == "lsq" and c["reg"] in (None, reg))]

@@ -62,7 +62,7 @@ from .validate import check_int
 __all__ = [
     "QUANTIZER_NAMES", "cell_config", "cell_key", "group_key", "method_label", "bits_label",
     "run_grid", "load_runs", "summarize", "write_results", "markdown_table", "main_grid",
-    "sweep_grid", "best_row", "best_settings", "default_settings", "taylor_eps", "plot_sweep",
+    "sweep_grid", "best_row", "best_settings", "settings_from_sweep", "default_settings", "taylor_eps", "plot_sweep",
     "run_table", "model_from_checkpoint", "MAIN_BITS", "FORMS",
 ]
 
@@ -750,6 +750,15 @@ def best_settings(rows, metric: str = "val_acc_mean") -> dict:
     return out
 
 
+def settings_from_sweep(sweep_dir, settings=None) -> dict:
+    """:func:`best_settings` of a sweep folder, with the entries of ``settings`` (if any)
+    taking precedence, key by key within each form."""
+    best = best_settings(summarize(sweep_dir))
+    for form, values in (settings or {}).items():
+        best[form] = dict(best.get(form, {}), **values)
+    return best
+
+
 def plot_sweep(rows, path, metric: str = "val_acc_mean"):
     """Plot a sweep: validation accuracy against each swept hyperparameter.
 
@@ -840,8 +849,8 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
     if from_sweep is not None:
         if grid != "main":
             raise MecrefError("from_sweep applies to the main grid only")
-        settings = best_settings(summarize(from_sweep))
-        grid_kwargs["settings"] = dict(grid_kwargs.get("settings") or {}, **settings)
+        settings = settings_from_sweep(from_sweep, grid_kwargs.get("settings"))
+        grid_kwargs["settings"] = settings
         header = f"MEC-Quant settings from the sweep in {from_sweep}: {json.dumps(settings)}\n\n"
     configs = (main_grid if grid == "main" else sweep_grid)(**grid_kwargs)
     if dry_run:

@@ -9,8 +9,9 @@ import pytest
 
 from mecref import MecrefError
 from mecref.experiments import (best_settings, cell_config, cell_key, group_key, main_grid,
-                                markdown_table, method_label, plot_sweep, run_grid, summarize,
-                                sweep_grid, taylor_eps, write_results)
+                                markdown_table, method_label, plot_sweep, run_grid,
+                                settings_from_sweep, summarize, sweep_grid, taylor_eps,
+                                write_results)
 
 TINY = dict(train_limit=128, batch_size=32, epochs=1, width=(4, 8, 8))
 CONFIGS = [dict(TINY, quantizer="lsq", reg=None), dict(TINY, quantizer="lsq", reg="mec")]
@@ -307,3 +308,4 @@ def test_cli_sweep_runs_a_tiny_sweep_end_to_end(tmp_path, capsys):
                  "--seeds", "0", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert '"mec_taylor": {"reg_weight": 0.5, "eps": 8.0, "order": 4}' in out
+    assert settings_from_sweep(sweep, {"mec": {"eps": 2.0}})["mec"] == dict(reg_weight=0.5, eps=2.0)
