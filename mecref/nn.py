@@ -107,21 +107,24 @@ def im2col(x, k, stride, padding, out=None, xpad=None):
     return out
 
 
-def col2im(dcols, x_shape, k, stride, padding, dxpad=None):
+def col2im(dcols, x_shape, k, stride, padding, dxpad=None, rows=None):
     """Fold column gradients back onto the image: the adjoint of :func:`im2col` (N1).
 
     .. math::
         dx_{pad}[n, c, i + s h_o, j + s w_o] \\mathrel{+}= \\mathrm{dcols}[n, i, j, c, h_o, w_o]
 
-    one slice add per kernel offset ``(i, j)`` (k*k adds of whole slabs, no scatter), then the
-    padding is cropped.
+    Whole slabs, no scatter, in two passes: for each column offset ``j`` the ``k`` slabs of
+    the row offsets ``i`` are summed into ``rows`` (adds along whole image rows), which is then
+    added into the padded gradient at column offset ``j``; finally the padding is cropped.
 
     Parameters
     ----------
     dcols : ndarray (N, k*k*C, Ho*Wo), offset-major: row ``(i, j, c)``
     x_shape : (N, C, H, W)
     dxpad : ndarray (N, C, H + 2 padding, W + 2 padding) or None
-        Workspace for the padded gradient (allocated when None; zeroed here).
+        Workspace for the padded gradient (allocated when None; overwritten).
+    rows : ndarray (N, C, H + 2 padding, Wo) or None
+        Workspace for one column offset's sum over the row offsets (allocated when None).
 
     Returns
     -------
@@ -133,12 +136,19 @@ def col2im(dcols, x_shape, k, stride, padding, dxpad=None):
     Ho, Wo = (Hp - k) // stride + 1, (Wp - k) // stride + 1
     if dxpad is None:
         dxpad = xp.empty((N, C, Hp, Wp), dtype=dcols.dtype)
-    dxpad.fill(0)
+    if rows is None:
+        rows = xp.empty((N, C, Hp, Wo), dtype=dcols.dtype)
     slabs = dcols.reshape(N, k, k, C, Ho, Wo)
-    for i in range(k):
-        for j in range(k):
-            dxpad[:, :, i:i + stride * (Ho - 1) + 1:stride,
-                  j:j + stride * (Wo - 1) + 1:stride] += slabs[:, i, j]
+    span_h, span_w = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1   # rows/columns a slab reaches
+    dxpad.fill(0)
+    for j in range(k):
+        if stride > 1:
+            rows.fill(0)
+        rows[:, :, span_h:] = 0
+        rows[:, :, 0:span_h:stride] = slabs[:, 0, j]                 # i = 0 assigns, i > 0 adds
+        for i in range(1, k):
+            rows[:, :, i:i + span_h:stride] += slabs[:, i, j]
+        dxpad[:, :, :, j:j + span_w:stride] += rows
     return dxpad[:, :, padding:padding + H, padding:padding + W].copy()
 
 
@@ -299,7 +309,8 @@ class Conv2d(Layer):
         H, Wd = x_shape[2:]
         p = self.padding
         dxpad = self._buffer(xp, "dxpad", (N, C, H + 2 * p, Wd + 2 * p), dy.dtype)
-        return dW, col2im(dcols, x_shape, k, self.stride, p, dxpad=dxpad)
+        rows = self._buffer(xp, "rows", (N, C, H + 2 * p, Wo), dy.dtype)
+        return dW, col2im(dcols, x_shape, k, self.stride, p, dxpad=dxpad, rows=rows)
 
 
 # ============================================================================ Linear
@@ -502,12 +513,11 @@ class BatchNorm2d(Layer):
         if M < 2:
             raise MecrefError(f"BatchNorm2d in train mode needs more than one value per channel, "
                               f"got x of shape {tuple(x.shape)}")
-        mu = x3.mean(axis=(0, 2))
-        xhat = xp.subtract(x3, mu[:, None], out=self._buffer(xp, "xhat", x3.shape, x.dtype))
-        var = xp.einsum("ncp,ncp->c", xhat, xhat) / M
-        inv_std = 1.0 / xp.sqrt(var + self.eps)
-        xhat *= inv_std[:, None]
-        y = xhat * gamma[:, None]
+        mu = xp.einsum("ncp->c", x3) / M
+        xc = xp.subtract(x3, mu[:, None], out=self._buffer(xp, "xc", x3.shape, x.dtype))  # x - mu
+        var = xp.einsum("ncp,ncp->c", xc, xc) / M
+        t = 1.0 / xp.sqrt(var + self.eps)                        # (sigma^2 + eps)^(-1/2)
+        y = xc * (gamma * t)[:, None]                            # gamma xhat + beta
         y += beta[:, None]
         r = self.momentum
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
@@ -515,22 +525,24 @@ class BatchNorm2d(Layer):
         rm += r * mu.astype(rm.dtype)
         rv *= 1 - r
         rv += (r * M / (M - 1)) * var.astype(rv.dtype)
-        self._cache = (xhat, inv_std, x.shape)
+        self._cache = (xc, t, x.shape)
         return y.reshape(x.shape)
 
     def backward(self, dy):
-        xhat, inv_std, x_shape = self._pending()
+        xc, t, x_shape = self._pending()
         _check_dy(self, dy, x_shape)
+        xp = array_module(dy)
         N, C, H, W = x_shape
         M = N * H * W
         dy3 = dy.reshape(N, C, H * W)
-        dbeta = dy3.sum(axis=(0, 2))
-        dgamma = (dy3 * xhat).sum(axis=(0, 2))
+        dbeta = xp.einsum("ncp->c", dy3)
+        dgamma = xp.einsum("ncp,ncp->c", dy3, xc) * t          # sum dy xhat, xhat = xc t
         self.grads["beta"], self.grads["gamma"] = dbeta, dgamma
-        dx = xhat * (dgamma / M)[:, None]
-        dx -= dy3
-        dx += (dbeta / M)[:, None]
-        dx *= (-self.params["gamma"] * inv_std)[:, None]
+        # dx = gamma t / M (M dy - dbeta - xhat dgamma) = a dy - a dbeta / M - xc (a t dgamma / M)
+        a = self.params["gamma"] * t
+        dx = dy3 * a[:, None]
+        dx -= xc * (a * t * dgamma / M)[:, None]
+        dx -= (a * dbeta / M)[:, None]
         return dx.reshape(x_shape)
 
 
