@@ -196,14 +196,14 @@ def test_rotation_and_permutation(shape, eps):
     move = lambda X: (X @ Q)[perm]
     W = rng.standard_normal((d, 2))
     K = min(2, m)
-    cases = [
-        (lambda A, B, W: coding_length(A, eps), None),
-        (lambda A, B, W: quiet(mec_loss, A, B, eps, order=3), mec_loss_backward),
-        (lambda A, B, W: mec_loss(A, B, eps) if det_margin(U1, U2, eps) > 0.05 else None, mec_loss_backward),
-        (lambda A, B, W: moe_coding_length(A, eps, experts=K), None),
-        (lambda A, B, W: moe_coding_length(A, eps, experts=K, gate="soft", W_g=W[:, :K]), None),
+    forwards = [
+        lambda A, B, W: coding_length(A, eps),
+        lambda A, B, W: quiet(mec_loss, A, B, eps, order=3),
+        lambda A, B, W: mec_loss(A, B, eps) if det_margin(U1, U2, eps) > 0.05 else None,
+        lambda A, B, W: moe_coding_length(A, eps, experts=K),
+        lambda A, B, W: moe_coding_length(A, eps, experts=K, gate="soft", W_g=W[:, :K]),
     ]
-    for fwd, _ in cases:
+    for fwd in forwards:
         out = fwd(U1, U2, W)
         if out is None:
             continue
@@ -452,26 +452,29 @@ def test_moe_rejects_an_all_zero_expert():
 
 
 # ----------------------------------------------------------------------------- dtype and backends
+def all_pairs(eps, K):
+    """Every forward (called as fwd(Z1, Z2, W_g)) with its backward (returning a tuple)."""
+    return [
+        (lambda A, B, W: coding_length(A, eps), lambda c: (coding_length_backward(c),)),
+        (lambda A, B, W: mec_loss(A, B, eps), mec_loss_backward),
+        (lambda A, B, W: quiet(mec_loss, A, B, eps, order=4), mec_loss_backward),
+        (lambda A, B, W: moe_coding_length(A, eps, experts=K), moe_coding_length_backward),
+        (lambda A, B, W: moe_coding_length(A, eps, experts=K, gate="soft", W_g=W), moe_coding_length_backward),
+    ]
+
+
 @pytest.mark.parametrize("m,d", [(32, 16), (16, 32)])
 def test_float32_in_float32_out(m, d, rng):
     U1, U2 = two_views(m, d, 3)
-    U32, V32 = U1.astype(np.float32), U2.astype(np.float32)
     W = rng.standard_normal((d, 3))
-    runs = [
-        (lambda A, B, W: coding_length(A, 2.0), coding_length_backward),
-        (lambda A, B, W: mec_loss(A, B, 2.0), mec_loss_backward),
-        (lambda A, B, W: quiet(mec_loss, A, B, 2.0, order=4), mec_loss_backward),
-        (lambda A, B, W: moe_coding_length(A, 2.0, experts=3), moe_coding_length_backward),
-        (lambda A, B, W: moe_coding_length(A, 2.0, experts=3, gate="soft", W_g=W), moe_coding_length_backward),
-    ]
-    for fwd, bwd in runs:
-        L32, c32 = fwd(U32, V32, W.astype(np.float32))
+    for fwd, bwd in all_pairs(2.0, 3):
+        L32, c32 = fwd(U1.astype(np.float32), U2.astype(np.float32), W.astype(np.float32))
         L64, c64 = fwd(U1, U2, W)
         assert L32.dtype == np.float32
         np.testing.assert_allclose(float(L32), float(L64), rtol=1e-4)
-        g32, g64 = bwd(c32), bwd(c64)
-        for a, b in zip(g32 if isinstance(g32, tuple) else (g32,), g64 if isinstance(g64, tuple) else (g64,)):
-            if a is None:
+        for a, b in zip(bwd(c32), bwd(c64)):
+            if b is None:
+                assert a is None
                 continue
             assert a.dtype == np.float32
             np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * np.abs(b).max())
@@ -479,23 +482,14 @@ def test_float32_in_float32_out(m, d, rng):
 
 def test_backends_agree(backend, rng):
     """Each pair on to_backend(Z, backend) against the float64 NumPy result."""
-    m, d = 6, 4
-    U1, U2 = two_views(m, d, 11)
-    W = rng.standard_normal((d, 2))
+    U1, U2 = two_views(6, 4, 11)
+    W = rng.standard_normal((4, 2))
     on = lambda X: to_backend(X, backend)
-    runs = [
-        (lambda A, B, W: coding_length(A, 1.5), coding_length_backward),
-        (lambda A, B, W: mec_loss(A, B, 1.5), mec_loss_backward),
-        (lambda A, B, W: quiet(mec_loss, A, B, 1.5, order=4), mec_loss_backward),
-        (lambda A, B, W: moe_coding_length(A, 1.5, experts=2), moe_coding_length_backward),
-        (lambda A, B, W: moe_coding_length(A, 1.5, experts=2, gate="soft", W_g=W), moe_coding_length_backward),
-    ]
-    for fwd, bwd in runs:
+    for fwd, bwd in all_pairs(1.5, 2):
         L, c = fwd(on(U1), on(U2), on(W))
         L0, c0 = fwd(U1, U2, W)
         np.testing.assert_allclose(float(L), float(L0), rtol=1e-10)
-        g, g0 = bwd(c), bwd(c0)
-        for a, b in zip(g if isinstance(g, tuple) else (g,), g0 if isinstance(g0, tuple) else (g0,)):
+        for a, b in zip(bwd(c), bwd(c0)):
             if b is None:
                 assert a is None
             else:
