@@ -1,0 +1,416 @@
+"""Write docs/benchmarks.md (and docs/img/bench_moe_scaling.png) from a results JSON.
+
+    python -m benchmarks.report benchmarks/results/latest.json [--out docs/benchmarks.md]
+                                                              [--img-dir docs/img]
+
+Tables, the plot, the machine, the command behind each figure, and the targets with
+met/missed; where a target is missed, the cProfile of the mecref code behind it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from . import common
+
+DOC = common.REPO / "docs" / "benchmarks.md"
+IMG_DIR = common.REPO / "docs" / "img"
+SCALING_PNG = "bench_moe_scaling.png"
+
+# (key, description, comparison, threshold)
+TARGETS = (
+    ("step_fp32", "FP32 training step, mecref / torch time", "<=", 1.3),
+    ("step_w4a4", "W4A4 LSQ training step, mecref / torch time", "<=", 1.0),
+    ("coding_length", "coding length + gradient, torch / mecref time, at every (m, d) (worst shown)", ">=", 1.5),
+    ("moe_k4", "MOE K=4 at m=2048: exact coding length / MOE time (mecref; worst d shown)", ">=", 3.0),
+    ("memory", "peak memory of a training epoch, mecref / torch (worst variant shown)", "<=", 1.5),
+)
+
+
+# ----------------------------------------------------------------------------- targets
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def targets(doc):
+    """Each target's measured value and verdict: list of dict(key, target, value, where, met)."""
+    res = doc.get("results", {})
+    out = []
+    for key, desc, op, thr in TARGETS:
+        value, where = None, ""
+        if key == "step_fp32":
+            value = _get(res, "step", "variants", "fp32", "step", "ratio")
+        elif key == "step_w4a4":
+            value = _get(res, "step", "variants", "w4a4_lsq", "step", "ratio")
+        elif key == "coding_length":
+            cl = [r for r in _get(res, "entropy", "grid") or [] if r["term"] == "coding_length" and "speedup" in r]
+            if cl:
+                worst = min(cl, key=lambda r: r["speedup"])
+                value, where = worst["speedup"], f"m={worst['m']}, d={worst['d']}"
+        elif key == "moe_k4":
+            pts = [p for p in _get(res, "entropy", "scaling", "points") or []
+                   if p["m"] == 2048 and "moe_K4" in p["speedup"]]
+            if pts:
+                worst = min(pts, key=lambda p: p["speedup"]["moe_K4"])
+                value = worst["speedup"]["moe_K4"]
+                where = ", ".join(f"d={p['d']}: {p['speedup']['moe_K4']:.2f}" for p in pts)
+        elif key == "memory":
+            vs = [(v["ratio"], v["label"]) for v in (_get(res, "memory", "variants") or {}).values()
+                  if "ratio" in v]
+            if vs:
+                value, where = max(vs)
+                where = ", ".join(f"{label}: {r:.2f}" for r, label in vs)
+        met = None if value is None else (value <= thr if op == "<=" else value >= thr)
+        out.append(dict(key=key, target=f"{desc} {op} {thr}", value=value, where=where, met=met))
+    return out
+
+
+def _verdict(met):
+    return "not measured" if met is None else ("met" if met else "**missed**")
+
+
+def targets_text(tgts):
+    lines = ["targets:"]
+    for t in tgts:
+        v = "-" if t["value"] is None else f"{t['value']:.2f}"
+        lines.append(f"  [{_verdict(t['met']).strip('*'):>12}] {t['target']}: {v}"
+                     + (f" ({t['where']})" if t["where"] else ""))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plot
+def plot_moe_scaling(doc, path):
+    """Speed-up of MOE (K experts) over the exact coding length against m, one panel per d."""
+    scaling = _get(doc, "results", "entropy", "scaling")
+    if not scaling or not scaling.get("points"):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = scaling["ds"]
+    fig, axes = plt.subplots(1, len(ds), figsize=(4.2 * len(ds), 3.6), sharey=True, squeeze=False)
+    for ax, d in zip(axes[0], ds):
+        pts = sorted((p for p in scaling["points"] if p["d"] == d), key=lambda p: p["m"])
+        for K in scaling["experts"]:
+            xs = [p["m"] for p in pts if f"moe_K{K}" in p["speedup"]]
+            ys = [p["speedup"][f"moe_K{K}"] for p in pts if f"moe_K{K}" in p["speedup"]]
+            ax.plot(xs, ys, marker="o", label=f"MOE, K = {K}")
+        ax.axhline(1.0, color="gray", lw=1, ls="--", label="as fast as exact")
+        ax.axhline(3.0, color="tab:red", lw=1, ls=":", label="target at m = 2048 (K = 4)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("batch size m (samples)")
+        ax.set_title(f"d = {d} features")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("speed-up over exact coding length (x)\n(t_exact / t_MOE, value + gradient)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle("mecref: mixture-of-experts coding length vs the exact coding length (float32, CPU)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- markdown
+def _ms(s):
+    return "-" if not s else f"{s['median_ms']:.3g} ({s['q1_ms']:.3g}-{s['q3_ms']:.3g})"
+
+
+def _x(v, fmt=".2f"):
+    return "-" if v is None else format(v, fmt)
+
+
+def _md_table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _profile_md(prof, unit):
+    return "```\n" + common.profile_text(prof, unit) + "\n```"
+
+
+def _skipped(rec):
+    if rec is None:
+        return "_Not run in this results file._"
+    if "skipped" in rec:
+        return f"_Skipped: {rec['skipped']}_"
+    if "error" in rec:
+        return "_Failed:_\n\n```\n" + rec["error"].strip()[-2000:] + "\n```"
+    return None
+
+
+def render(doc, json_path=None, img_rel="img"):
+    """The Markdown text of docs/benchmarks.md for a results document."""
+    res = doc.get("results", {})
+    tg = doc.get("targets") or targets(doc)
+    mach, thr = doc["machine"], doc["threads"]
+    src = json_path or "benchmarks/results/latest.json"
+    L = ["# Benchmarks: mecref against PyTorch", "",
+         f"Generated by `python -m benchmarks.report {src}` from the run `{doc['command']}` "
+         f"(started {doc['started']}, {doc['seconds']:.0f} s, git {mach.get('git_commit', '?')}). "
+         "Do not edit by hand: rerun the two commands.", "",
+         "mecref computes every gradient in closed form with NumPy; the comparison is PyTorch on "
+         "the same CPU with autograd, on the same model (weights copied from mecref) and the "
+         "same formulas (docs/derivations.md). Times are medians with the interquartile range in "
+         "brackets, in milliseconds; every ratio comes from interleaved A/B runs in one process "
+         "(the median over reps of the ratio of the two runs of a rep).", ""]
+    if doc.get("quick"):
+        L += ["> **Quick run** (`--quick`): tiny sizes and few reps, a smoke test only; the "
+              "figures say nothing about speed.", ""]
+    la, lb = doc.get("loadavg_start"), doc.get("loadavg_end")
+    L += [f"> The machine was shared with other work during this run (load average {la} at the "
+          f"start, {lb} at the end, on {mach['usable_cpus']} CPUs): treat single figures as "
+          "noisy; the interleaving keeps the ratios fairer than the absolute times.", ""]
+
+    # targets
+    L += ["## Targets", ""]
+    L.append(_md_table(["target", "measured", "verdict", "where"],
+                       [[t["target"], _x(t["value"]), _verdict(t["met"]), t["where"] or "-"] for t in tg]))
+    missed = [t for t in tg if t["met"] is False]
+    if missed:
+        L += ["", "Missed targets have their profile under "
+              "[Where the time goes](#where-the-time-goes)."]
+    L.append("")
+
+    # machine
+    L += ["## Machine and threads", ""]
+    blas = mach.get("numpy_blas", {}).get("blas", {}) if isinstance(mach.get("numpy_blas"), dict) else {}
+    L += [f"- CPU: {mach['cpu']} ({', '.join(mach.get('cpu_flags', []))}); {mach['logical_cpus']} "
+          f"logical CPUs, {mach['usable_cpus']} usable; {mach.get('memory_gib')} GiB",
+          f"- Python {mach['python']}, NumPy {mach['numpy']}, SciPy {mach['scipy']}, "
+          f"PyTorch {mach.get('torch') or 'not installed'}, mecref {mach.get('mecref')}; {mach['platform']}",
+          f"- NumPy BLAS: {blas.get('name', '?')} {blas.get('version', '')} "
+          f"({blas.get('openblas configuration', '').strip()})",
+          f"- Thread pools (threadpoolctl): " + "; ".join(
+              f"{p.get('internal_api')} {p.get('version') or ''} {p.get('num_threads')} threads "
+              f"[{os.path.basename(str(p.get('filepath', '')))}]" for p in mach.get("thread_pools", [])),
+          f"- Threads: NumPy's BLAS has {thr['numpy_blas_threads']} ({thr['numpy_blas_threads_from']}); "
+          + (f"{thr['torch_threads']}, {thr['torch_interop_threads']} inter-op; " if "torch_threads" in thr else "")
+          + f"OPENBLAS_THREAD_TIMEOUT {thr['openblas_thread_timeout']}.",
+          f"- OPENBLAS_CORETYPE={thr['OPENBLAS_CORETYPE']} (left as found: it forces OpenBLAS's "
+          f"AVX2 Haswell kernels on this AVX-512 machine), OPENBLAS_L2_SIZE={thr['OPENBLAS_L2_SIZE']}, "
+          f"OMP_WAIT_POLICY={thr['OMP_WAIT_POLICY']}."]
+    sc = doc.get("spin_check")
+    if sc:
+        L += [f"- The BLAS thread-spin trap, measured ({sc['probe']}): NumPy alone "
+              f"{sc['numpy_alone_ms']:.2f} ms, right after a torch call "
+              f"{sc['numpy_right_after_torch_ms']:.2f} ms (torch's OpenMP workers still spin), with "
+              f"the {sc['lead_s'] * 1e3:.0f} ms lead-in of untimed runs that the benchmarks put before "
+              f"each timed run {sc['numpy_interleaved_with_lead_ms']:.2f} ms."]
+    L.append("")
+
+    L += _step_md(res.get("step"))
+    L += _entropy_md(res.get("entropy"), img_rel)
+    L += _memory_md(res.get("memory"))
+    L += _gemm_md(res.get("gemm"))
+    L += _gpu_md(res.get("gpu"))
+    L += _profiles_md(res, missed)
+    L += ["## Reproduce", "", "```bash",
+          "python3 -m pip install -e . && python3 -m pip install torch==2.13.0 threadpoolctl",
+          f"{doc['command'].replace('python -m', 'python3 -m')}",
+          f"python3 -m benchmarks.report {src}", "```", "",
+          "`--only step,entropy,memory,gemm,gpu` runs a subset; `--quick` runs tiny sizes (the "
+          "smoke test in tests/test_benchmarks_smoke.py does).", ""]
+    return "\n".join(L)
+
+
+def _cmd(rec):
+    return f"Command: `{rec.get('command', '?')}` ({rec.get('seconds', 0):.0f} s)."
+
+
+def _step_md(rec):
+    L = ["## 1. Training step of the small CNN", ""]
+    s = _skipped(rec)
+    if s:
+        return L + [s, ""]
+    L += [f"Batch {rec['batch']} of {rec['image']}; {rec['reps']} interleaved reps after "
+          f"{rec['warmup']} warm-up runs, each timed run preceded by {rec['lead_s'] * 1e3:.0f} ms of "
+          "untimed runs of the same code. *forward*: the train-mode forward alone (batch statistics; "
+          "mecref caches for backward, torch records the graph); *step*: forward + cross-entropy + "
+          "backward + SGD (momentum 0.9, weight decay 5e-4). W4A4 LSQ: conv2, conv3 at 4-bit "
+          "weights and activations, conv1 and the linear layer at 8 bits.", ""]
+    rows = []
+    for v in rec["variants"].values():
+        for part in ("forward", "step"):
+            r = v[part]
+            rows.append([v["label"], part, _ms(r["mecref"]), _ms(r.get("torch")), _x(r.get("ratio"))])
+    L.append(_md_table(["variant", "part", "mecref ms", "torch ms", "mecref / torch"], rows))
+    checks = [(v["label"], v["check"]) for v in rec["variants"].values() if "check" in v]
+    if checks:
+        L += ["", "Same model, checked before timing (float64, random-normal images, first step "
+              "from the same weights): " + "; ".join(
+                  f"{lab}: loss {c['loss_mecref']:.10f} vs {c['loss_torch']:.10f}, gradients "
+                  f"differ by {c['grad_rel_diff_median']:.1e} (median over parameters, relative) and "
+                  f"{c['grad_rel_diff_worst']:.1e} at worst ({c['grad_rel_diff_worst_param']})"
+                  for lab, c in checks) + "."]
+    return L + ["", _cmd(rec), ""]
+
+
+def _entropy_md(rec, img_rel):
+    L = ["## 2. Entropy terms", ""]
+    s = _skipped(rec)
+    if s:
+        return L + [s, ""]
+    L += [f"Value + gradient of each term on float32 features Z (m, d), rows l2-normalised inside: "
+          f"mecref's forward and closed-form backward against torch's forward and "
+          f"`torch.autograd.grad` of the same formula on the same side (Cholesky, or LU for the "
+          f"exact two-view MEC). eps = {rec['eps']} ({rec['eps_note']}). *speed-up* = torch / mecref "
+          "time (the target wants >= 1.5 for the coding length).", ""]
+    grid = rec["grid"]
+    terms = list(dict.fromkeys(r["term"] for r in grid))
+    rows = []
+    for r in grid:
+        c = r.get("check", {})
+        rows.append([r["term"], r["m"], r["d"], _ms(r["mecref"]), _ms(r.get("torch")),
+                     _x(r.get("speedup")), "-" if not c else f"{c['grad_rel_diff']:.0e}"])
+    rows.sort(key=lambda row: (terms.index(row[0]), row[1], row[2]))
+    L.append(_md_table(["term", "m", "d", "mecref ms", "torch ms", "speed-up (torch / mecref)",
+                        "gradient rel. diff"], rows))
+    L += ["", "*gradient rel. diff*: |g_mecref - g_torch| / |g_torch| in float32, both computed "
+          "from the same Z.", ""]
+    sc = rec.get("scaling")
+    if sc and sc.get("points"):
+        L += ["### MOE against the exact coding length as m grows", "",
+              f"![MOE speed-up over the exact coding length]({img_rel}/{SCALING_PNG})", "",
+              "mecref only, value + gradient; speed-up = exact / MOE time (median of paired reps). "
+              "Hard routing by row norm into K equal experts; each expert is coded on its own "
+              "smaller side, so MOE saves work only where the m_k = m/K side is smaller than the "
+              "d side that the exact form already uses for m > d.", ""]
+        rows = []
+        for p in sc["points"]:
+            rows.append([p["d"], p["m"], _ms(p["exact"])] +
+                        [_x(p["speedup"].get(f"moe_K{K}")) for K in sc["experts"]])
+        L.append(_md_table(["d", "m", "exact ms"] + [f"K={K} speed-up" for K in sc["experts"]], rows))
+        L.append("")
+    return L + [_cmd(rec), ""]
+
+
+def _memory_md(rec):
+    L = ["## 3. Peak memory of a training epoch", ""]
+    s = _skipped(rec)
+    if s:
+        return L + [s, ""]
+    L += [f"{rec['steps']} training steps of batch {rec['batch']} (consecutive batches of the bundled "
+          f"data), each library in its own subprocess. Method: {rec['method']}.", ""]
+    rows = []
+    for v in rec["variants"].values():
+        m, t, tm = v["mecref"], v["torch"], v["mecref_tracemalloc"]
+        rows.append([v["label"], _x(m.get("delta_mib"), ".1f"), _x(tm.get("tracemalloc_peak_mib"), ".1f"),
+                     _x(t.get("delta_mib"), ".1f"), _x(v.get("ratio")),
+                     _x(m.get("baseline_rss_mib"), ".0f"), _x(t.get("baseline_rss_mib"), ".0f")])
+    L.append(_md_table(["variant", "mecref MiB", "mecref traced MiB (tracemalloc)", "torch MiB",
+                        "mecref / torch", "mecref RSS after set-up MiB", "torch RSS after set-up MiB"], rows))
+    return L + ["", _cmd(rec), ""]
+
+
+def _gemm_md(rec):
+    L = ["## 4. How much of the sgemm rate the step reaches", ""]
+    s = _skipped(rec)
+    if s:
+        return L + [s, ""]
+    peak = f"{rec['numpy_sgemm_gflops']:.0f} GFLOP/s (NumPy/OpenBLAS)"
+    if "torch_sgemm_gflops" in rec:
+        peak += f", {rec['torch_sgemm_gflops']:.0f} GFLOP/s (torch)"
+    L += [f"Machine rate, measured in the same run: a {rec['peak_size']}^3 float32 matmul, "
+          f"best of {rec.get('peak_reps', '?')}: {peak}. The step's GEMM FLOPs are counted "
+          "analytically (im2col form of each conv: forward, weight gradient, input gradient; "
+          "the first conv's input gradient only where the input step needs it), then divided "
+          "by the **measured step time** (so everything that is not a GEMM counts against the "
+          "fraction). *replay*: the same GEMM shapes run alone as 2-D NumPy matmuls.", ""]
+    rows = []
+    for v in rec["variants"].values():
+        rows.append([v["label"], f"{v['gemm_gflop']:.3f}", _x(v.get("mecref_step_ms")),
+                     _x(v.get("mecref_gflops"), ".1f"), _x(v.get("mecref_fraction_of_peak")),
+                     _x(v.get("torch_step_ms")), _x(v.get("torch_gflops"), ".1f"),
+                     _x(v.get("torch_fraction_of_peak")), f"{v['replay_gflops']:.1f}",
+                     _x(v.get("replay_share_of_mecref_step"))])
+    L.append(_md_table(["variant", "GEMM GFLOP / step", "mecref step ms", "mecref GFLOP/s",
+                        "mecref / peak", "torch step ms", "torch GFLOP/s", "torch / peak",
+                        "replay GFLOP/s", "replay time / mecref step"], rows))
+    return L + ["", _cmd(rec), ""]
+
+
+def _gpu_md(rec):
+    L = ["## 5. GPU: CuPy against torch CUDA", ""]
+    s = _skipped(rec)
+    if s:
+        return L + [s, ""]
+    L += [f"Device: {rec['device']}; CuPy {rec['cupy']}, torch CUDA {rec['torch_cuda']}. Each timed "
+          "call synchronises the device.", ""]
+    rows = []
+    for v in rec["step"].values():
+        if "error" in v:
+            rows.append([v["label"], "failed", "-", "-", "-"])
+            continue
+        for part in ("forward", "step"):
+            r = v[part]
+            rows.append([f"{v['label']} {part}", "", _ms(r["mecref"]), _ms(r["torch"]), _x(r["ratio"])])
+    for r in rec["entropy"]:
+        if "error" in r:
+            rows.append([r["term"], f"m={r['m']} d={r['d']}", "failed", "-", "-"])
+        else:
+            rows.append([r["term"], f"m={r['m']} d={r['d']}", _ms(r["mecref"]), _ms(r["torch"]), _x(r["ratio"])])
+    L.append(_md_table(["what", "size", "CuPy ms", "torch CUDA ms", "mecref / torch"], rows))
+    return L + ["", _cmd(rec), ""]
+
+
+def _profiles_md(res, missed):
+    L = ["## Where the time goes", ""]
+    keys = {t["key"] for t in missed}
+    L.append("Missed targets: " + (", ".join(t["target"] for t in missed) if missed else "none") + ".")
+    L.append("")
+    step = res.get("step") or {}
+    for v in step.get("variants", {}).values():
+        if "profile" in v:
+            L += [f"cProfile of the mecref {v['label']} training step (top functions by own time):", "",
+                  _profile_md(v["profile"], "step"), ""]
+    for p in (res.get("entropy") or {}).get("profiles", []):
+        if ("coding_length" in keys and p["term"] == "coding_length") or \
+                ("moe_k4" in keys and p["term"] == "moe_K4") or not missed:
+            L += [f"cProfile of mecref {p['term']} at m={p['m']}, d={p['d']} ({p['why']}):", "",
+                  _profile_md(p["profile"], "call"), ""]
+    return L
+
+
+def write(doc, json_path=None, out=DOC, img_dir=IMG_DIR):
+    """Write the Markdown report and its plot; returns the paths written."""
+    out, img_dir = Path(out), Path(img_dir)
+    written = []
+    png = plot_moe_scaling(doc, img_dir / SCALING_PNG)
+    if png:
+        written.append(png)
+    rel = os.path.relpath(img_dir, out.parent)
+    if json_path:
+        p = Path(json_path).resolve()
+        json_path = os.path.relpath(p, common.REPO) if common.REPO in p.parents else str(p)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(doc, json_path=json_path, img_rel=rel.replace(os.sep, "/")))
+    written.append(out)
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="results JSON written by `python -m benchmarks --json`")
+    p.add_argument("--out", default=str(DOC), help="Markdown file to write (default: docs/benchmarks.md)")
+    p.add_argument("--img-dir", default=str(IMG_DIR), help="folder for bench_*.png (default: docs/img)")
+    args = p.parse_args(argv)
+    doc = json.loads(Path(args.results).read_text())
+    doc["targets"] = targets(doc)
+    for path in write(doc, json_path=args.results, out=args.out, img_dir=args.img_dir):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
