@@ -3,10 +3,11 @@
 #
 # The MEC-Quant abstract promises a "mixture of experts" form of the entropy term that is
 # faster and copes with long-tailed value distributions. The paper's text is not public, so
-# `mecref` fixes a reading (`/work/shared/method-spec.md` section 3, `docs/derivations.md`
-# section E5; this notebook's choices are marked as such): the coding length of *mixed* data
-# of Ma, Derksen, Hong and Wright (2007). $K$ experts each code the samples routed to them
-# with their own Gaussian codebook, and pay for saying which expert a sample belongs to:
+# `mecref` fixes a reading (`docs/derivations.md`: E5 derives it, E6 says what is the paper's
+# and what is this project's; this notebook's own choices are marked as such): the coding
+# length of *mixed* data of Ma, Derksen, Hong and Wright (2007). $K$ experts each code the
+# samples routed to them with their own Gaussian codebook, and pay for saying which expert a
+# sample belongs to:
 #
 # $$L_{moe}(Z) = \sum_{k=1}^{K} \Big[ \frac{m_k + d}{2} \log\det\Big(I_d + \frac{d}{m_k \epsilon_k^2} Z^T \Pi_k Z\Big)
 #    - m_k \log\frac{m_k}{m} \Big],$$
