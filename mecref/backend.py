@@ -9,12 +9,15 @@ CuPy is imported here, lazily, and nowhere else.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 
 __all__ = [
     "MecrefError", "BackendUnavailableError", "BACKENDS",
     "get_xp", "array_module", "backend_name", "to_host", "to_backend",
-    "cupy_usable", "default_dtype",
+    "cupy_usable", "default_dtype", "scipy_blas_single_thread",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -134,3 +137,32 @@ def to_backend(a, backend: str = "numpy", dtype=None):
 def default_dtype():
     """Training dtype: float32 (derivation checks in the tests use float64)."""
     return np.float32
+
+
+@contextlib.contextmanager
+def scipy_blas_single_thread():
+    """Run SciPy's own BLAS/LAPACK on one thread inside the block; NumPy's keeps its threads.
+
+    NumPy and SciPy wheels each bundle an OpenBLAS. After a multi-threaded call, one library's
+    workers keep spinning for a while, so a small SciPy Cholesky that follows a NumPy GEMM
+    (every training step with an entropy regulariser) waited ~8 ms instead of ~40 us
+    (docs/benchmarks.md). The entropy terms factor small matrices (d x d or m x m, d, m of a
+    few hundred), which one thread does as fast, so the training loop and the benchmarks run
+    inside this block. Uses threadpoolctl.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS so it can be found)
+    numpy_libs = os.sep + "numpy.libs" + os.sep
+    ctl = ThreadpoolController()
+    scipy_pools = [lib for lib in ctl.lib_controllers
+                   if lib.user_api == "blas" and numpy_libs not in lib.filepath
+                   and "scipy" in lib.filepath]
+    saved = [lib.num_threads for lib in scipy_pools]
+    for lib in scipy_pools:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(scipy_pools, saved):
+            lib.set_num_threads(n)

@@ -26,7 +26,8 @@ import numpy as np
 
 from . import data as mdata
 from . import entropy, losses, nn, optim
-from .backend import MecrefError, array_module, backend_name, get_xp, to_host
+from .backend import (MecrefError, array_module, backend_name, get_xp,
+                      scipy_blas_single_thread, to_host)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .validate import check_bits, check_choice, check_int, check_positive
 
@@ -147,6 +148,11 @@ def train_small_cnn(config: TrainConfig | None = None, *, progress=True, checkpo
     -------
     TrainResult
     """
+    with scipy_blas_single_thread():  # see mecref.backend: avoids the two-OpenBLAS stall
+        return _train(config, progress, checkpoint_dir, resume, dataset, overrides)
+
+
+def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> TrainResult:
     if config is None:
         config = TrainConfig()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
