@@ -230,6 +230,49 @@ def _run_diagnose(args):
     return 0
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="export a trained quantized model to integer codes, scales and requantisation",
+                       description="Turn a training checkpoint of a quantized small CNN into an "
+                       "integer model: weight codes, scales and offsets, bit-widths and the layer "
+                       "graph, with BatchNorm, ReLU and each next layer's input quantizer folded "
+                       "into a fixed-point requantisation (one .npz, its graph also as .json "
+                       "beside it). See docs/export.md.")
+    p.add_argument("checkpoint", help="training checkpoint: last.npz from `mecref train --checkpoint-dir`")
+    p.add_argument("--out", required=True, help="integer model file to write (.npz)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args):
+    from .export import describe_int_model, export_checkpoint
+    imodel, path = export_checkpoint(args.checkpoint, args.out)
+    print(describe_int_model(imodel))
+    print(f"\nwrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+def _add_eval_int(sub):
+    p = sub.add_parser("eval-int", help="run an exported integer model on the test set (integer arithmetic only)",
+                       description="Classify the test images with the integer model alone (int8 "
+                       "codes, int32 accumulators, int64 fixed-point requantisation) and print "
+                       "its accuracy; with --checkpoint also run the fake-quantized float model "
+                       "it came from and report identical predictions and, per layer, how many "
+                       "integer codes differ.")
+    p.add_argument("model", help="integer model file from `mecref export`")
+    p.add_argument("--checkpoint", default=None, help="the training checkpoint the model was exported from")
+    p.add_argument("--dataset", choices=["bundled", "fashion-mnist", "idx"], default="bundled",
+                   help="test images: bundled (default), fashion-mnist or idx (with --data-dir)")
+    p.add_argument("--data-dir", default=None, help="folder with train/t10k IDX files")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N test images")
+    p.set_defaults(func=_run_eval_int)
+
+
+def _run_eval_int(args):
+    from .export import evaluate_int, markdown_comparison
+    print(markdown_comparison(evaluate_int(args.model, checkpoint=args.checkpoint, dataset=args.dataset,
+                                           data_dir=args.data_dir, limit=args.limit)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mecref", description="MEC-Quant reference: maximum entropy coding for "
                      "low-bit quantization-aware training, in NumPy with hand-derived gradients.")
@@ -239,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_table(sub)
     _add_sweep(sub)
     _add_diagnose(sub)
+    _add_export(sub)
+    _add_eval_int(sub)
     return parser
 
 
