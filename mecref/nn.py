@@ -299,7 +299,8 @@ class Conv2d(Layer):
         N, F, Ho, Wo = y_shape
         C, k = x_shape[1], W.shape[2]
         dy3 = dy.reshape(N, F, Ho * Wo)
-        dW = (dy3 @ cols.transpose(0, 2, 1)).sum(axis=0).reshape(W.shape)
+        dW_n = xp.matmul(dy3, cols.transpose(0, 2, 1), out=self._buffer(xp, "dW_n", (N, F, C * k * k), dy.dtype))
+        dW = dW_n.sum(axis=0).reshape(W.shape)
         if "b" in self.params:
             self.grads["b"] = dy3.sum(axis=(0, 2))
         if not need_dx:
@@ -427,7 +428,7 @@ class MaxPool2d(Layer):
         Ho, Wo = H // 2, W // 2
         x6 = x[:, :, :2 * Ho, :2 * Wo].reshape(N, C, Ho, 2, Wo, 2)   # (.., row a, .., col b)
         left, right = x6[..., 0], x6[..., 1]                         # (N, C, Ho, 2, Wo)
-        rows = xp.maximum(left, right)                               # max of each window row
+        rows = xp.maximum(left, right, out=self._buffer(xp, "rows", left.shape, x.dtype))  # row maxima
         top, bottom = rows[:, :, :, 0], rows[:, :, :, 1]             # (N, C, Ho, Wo)
         y = xp.maximum(top, bottom)
         if self.relu:
@@ -541,7 +542,7 @@ class BatchNorm2d(Layer):
         # dx = gamma t / M (M dy - dbeta - xhat dgamma) = a dy - a dbeta / M - xc (a t dgamma / M)
         a = self.params["gamma"] * t
         dx = dy3 * a[:, None]
-        dx -= xc * (a * t * dgamma / M)[:, None]
+        dx -= xp.multiply(xc, (a * t * dgamma / M)[:, None], out=self._buffer(xp, "tmp", xc.shape, xc.dtype))
         dx -= (a * dbeta / M)[:, None]
         return dx.reshape(x_shape)
 
