@@ -1,5 +1,5 @@
 """Layers and the small CNN: thin holders of ``params`` and ``grads`` around closed-form
-forward/backward pairs (docs/derivations.md, sections N1-N6 and N9-N10).
+forward/backward pairs (docs/derivations.md, sections N1-N5, N9 and N10).
 
 Every layer follows one convention (docs/design.md)::
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from . import quant
 from .backend import MecrefError, array_module, get_xp, to_host
-from .validate import check_array, check_bits, check_choice, check_int
+from .validate import check_array, check_choice, check_int
 
 __all__ = [
     "SCHEMES", "Layer", "Conv2d", "Linear", "ReLU", "MaxPool2d", "BatchNorm2d",
@@ -434,15 +434,17 @@ class MaxPool2d(Layer):
         if self.relu:
             xp.maximum(y, 0, out=y)
         if train:
-            right_wins = self._buffer(xp, "right", rows.shape, np.bool_)
-            xp.greater(right, left, out=right_wins)                  # ties: left column
-            row_wins = self._buffer(xp, "left", rows.shape, np.bool_)
-            xp.greater(bottom, top, out=row_wins[:, :, :, 1])        # ties: top row
-            xp.logical_not(row_wins[:, :, :, 1], out=row_wins[:, :, :, 0])
+            bottom_wins = bottom > top                               # ties: top row
+            top_wins = ~bottom_wins
             if self.relu:
-                row_wins &= (y > 0)[:, :, :, None, :]                # max <= 0: no gradient
-            mask_right = right_wins
-            mask_right &= row_wins
+                live = y > 0                                         # max <= 0: no gradient
+                bottom_wins &= live
+                top_wins &= live
+            row_wins = self._buffer(xp, "left", rows.shape, np.bool_)
+            row_wins[:, :, :, 0] = top_wins
+            row_wins[:, :, :, 1] = bottom_wins
+            mask_right = xp.greater(right, left, out=self._buffer(xp, "right", rows.shape, np.bool_))
+            mask_right &= row_wins                                   # ties: left column
             mask_left = row_wins
             mask_left ^= mask_right                                  # row_wins & ~right_wins
             self._cache = (mask_left, mask_right, x.shape, y.shape)
