@@ -65,6 +65,15 @@ def test_conv_gradients_match_finite_differences(stride, padding, rng):
     check_layer(layer, rng.standard_normal((2, 3, 7, 6)))
 
 
+@given(st.integers(1, 3), st.integers(1, 3), st.sampled_from([1, 2, 3]), st.sampled_from([1, 2]),
+       st.integers(0, 2), st.integers(0, 3), st.integers(0, 2**31 - 1))
+@settings(max_examples=15)
+def test_conv_gradients_over_random_geometry(C, F, k, stride, padding, extra, seed):
+    rng = np.random.default_rng(seed)
+    layer = nn.Conv2d(C, F, k, stride=stride, padding=padding, seed=seed).astype(np.float64)
+    check_layer(layer, rng.standard_normal((2, C, k + extra, k + 1 + extra)))
+
+
 @pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 1)])
 def test_conv_forward_matches_scipy_correlate(stride, padding, rng):
     layer = nn.Conv2d(3, 5, 3, stride=stride, padding=padding, seed=2)
@@ -162,6 +171,22 @@ def test_batchnorm_train_gradients(rng):
     bn.params["gamma"][...] = rng.uniform(0.5, 2.0, 3)
     bn.params["beta"][...] = rng.standard_normal(3)
     check_layer(bn, rng.standard_normal((4, 3, 3, 2)) * 2 + 1, rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_input_gradient_is_blind_to_shift_and_scale(rng):
+    """N3: sum_j dx_j = 0, and sum_j dx_j xhat_j = gamma t dgamma eps / (sigma^2 + eps)
+    (zero up to eps) per channel, for any dy."""
+    bn = nn.BatchNorm2d(3, eps=1e-2).astype(np.float64)
+    bn.params["gamma"][...] = [0.5, 1.0, 2.0]
+    x = rng.standard_normal((4, 3, 5, 5)) * 3 + 2
+    bn.forward(x)
+    dx = bn.backward(rng.standard_normal(x.shape))
+    var = x.var(axis=(0, 2, 3))
+    t = 1 / np.sqrt(var + 1e-2)
+    xhat = (x - x.mean(axis=(0, 2, 3), keepdims=True)) * t[:, None, None]
+    np.testing.assert_allclose(dx.sum(axis=(0, 2, 3)), 0, atol=1e-10)
+    expect = bn.params["gamma"] * t * bn.grads["gamma"] * 1e-2 / (var + 1e-2)
+    np.testing.assert_allclose((dx * xhat).sum(axis=(0, 2, 3)), expect, rtol=1e-8, atol=1e-12)
 
 
 def test_batchnorm_running_stats_and_eval_mode(rng):
