@@ -145,6 +145,9 @@ def run(torch, quick=False, lead=0.01, log=print):
                             ("mecref ms", "mecref", ".3f"), ("torch ms", "torch", ".3f"),
                             ("mecref/torch", "ratio", ".2f"), ("grad rel diff", "check", "s")],
                      title="entropy terms, value + gradient, float32, medians of interleaved reps"))
+    if torch is not None:
+        from . import blas_timeout
+        out["blas_timeout_default"] = blas_timeout.measure("coding_length", quick, log)
     out["profiles"] = profiles(out, quick, log)
     out["scaling"] = scaling(quick, lead, log)
     return out

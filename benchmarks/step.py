@@ -113,7 +113,7 @@ def check(torch, variant, n, seed=1):
                 grad_rel_diff_worst=rel[worst], grad_rel_diff_worst_param=worst)
 
 
-def run(torch, quick=False, lead=0.02, log=print):
+def run(torch, quick=False, lead=0.001, log=print):
     """Time every variant; returns the JSON-ready record."""
     missing = common.mecref_missing("nn", "losses", "optim")
     if missing:
@@ -161,4 +161,8 @@ def run(torch, quick=False, lead=0.02, log=print):
                 f"{c['grad_rel_diff_worst']:.1e} ({c['grad_rel_diff_worst_param']})")
         log(f"  cProfile of the mecref {rec['label']} step, top {len(rec['profile']['top'])} by own time:")
         log("    " + common.profile_text(rec["profile"], "step").replace("\n", "\n    "))
+    if torch is not None:
+        from . import blas_timeout
+        out["blas_timeout_default"] = blas_timeout.measure("step", quick, log)
     return out
+
