@@ -71,15 +71,20 @@ def load_checkpoint(path, expect_config: dict | None = None, keys=("model_config
     half-loaded. With ``expect_config``, each entry named in ``keys`` must equal the same entry
     of the checkpoint's meta, or :class:`CheckpointError` says which differ.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or path-like, got {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
+        _verify_zip(path)
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    except Exception as exc:  # zipfile, numpy's header parser, ...: any failure here is corruption
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt "
                               f"({type(exc).__name__}: {exc})") from None
+    if not all(isinstance(v, np.ndarray) for v in data.values()):
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: a member is not a .npy array")
     if _META not in data:
         raise CheckpointError(f"checkpoint {str(path)!r} has no metadata: not a mecref checkpoint")
     try:
@@ -98,6 +103,20 @@ def load_checkpoint(path, expect_config: dict | None = None, keys=("model_config
     model_state = {k[len("model/"):]: v for k, v in data.items() if k.startswith("model/")}
     optim_state = {k[len("optim/"):]: v for k, v in data.items() if k.startswith("optim/")}
     return model_state, optim_state, meta
+
+
+def _verify_zip(path):
+    """Read every member to its end, so zipfile checks its CRC-32 and that its local header
+    names it as the directory does (numpy reads only an array's own bytes, and a corrupt
+    header length would shift them without a CRC check); refuse duplicate names."""
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        if len({i.filename for i in infos}) != len(infos):
+            raise zipfile.BadZipFile("duplicate member names")
+        for info in infos:
+            with zf.open(info) as fh:
+                while fh.read(1 << 20):
+                    pass
 
 
 def _write_text_atomic(path: Path, text: str):

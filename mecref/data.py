@@ -104,7 +104,7 @@ class Dataset:
 def _check_images(name, x):
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
-    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[0] == 0:
+    if x.dtype != np.uint8 or x.ndim != 3 or x.size == 0:
         raise MecrefError(f"{name} must be a non-empty uint8 array (N, H, W), "
                           f"got {x.dtype} {x.shape}")
 
@@ -397,7 +397,7 @@ def iterate_batches(x, y, batch_size, rng, shuffle=True, drop_last=True, backend
     xb : float32 (B, 1, H, W), :func:`normalize` d;  yb : int64 (B,); both on ``backend``.
     N // batch_size batches with ``drop_last``, ceil(N / batch_size) without.
     """
-    if not hasattr(x, "dtype") or x.dtype != np.uint8 or x.ndim != 3 or x.shape[0] == 0:
+    if not hasattr(x, "dtype") or x.dtype != np.uint8 or x.ndim != 3 or x.size == 0:
         raise MecrefError(f"x must be a non-empty uint8 array (N, H, W), got "
                           f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     n = x.shape[0]

@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 GATES = ("norm", "soft")
+MAX_ORDER = 1024  # Taylor orders beyond this cost time and add nothing (the terms shrink as rho^n)
 
 
 class ConvergenceWarning(UserWarning):
@@ -129,6 +130,17 @@ def _lu_solve(fac, B, trans=False):
 
 
 # ----------------------------------------------------------------------------- rows
+def _check_eps(eps, m, d, dtype):
+    """eps > 0 such that lam = d / (m eps^2) is a finite positive number in ``dtype``."""
+    eps = check_positive("eps", eps)
+    e2 = eps * eps
+    lam = d / (m * e2) if e2 > 0 else math.inf
+    if not 0 < lam < np.finfo(dtype).max:
+        raise MecrefError(f"eps = {eps!r} gives lam = d / (m eps^2) = {lam!r}, which is not a "
+                          f"finite positive {np.dtype(dtype).name} (m = {m}, d = {d})")
+    return eps
+
+
 def _check_flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
@@ -180,7 +192,7 @@ def coding_length(Z, eps, normalize=True):
     cache : tuple for :func:`coding_length_backward`
     """
     check_array("Z", Z, ndim=2)
-    eps = check_positive("eps", eps)
+    eps = _check_eps(eps, *Z.shape, Z.dtype)
     Zc, r = _unit_rows(Z, "Z") if _check_flag("normalize", normalize) else (Z, None)
     m, d = Z.shape
     lam = d / (m * eps ** 2)
@@ -235,7 +247,7 @@ def mec_loss(Z1, Z2, eps, order=None, normalize=True, strict=False):
         The two views, one sample per row; row i of Z1 and of Z2 are the same image.
     eps : float > 0
         Distortion epsilon, NOT squared.
-    order : None or int >= 1
+    order : None or int in [1, 1024]
         None: exact log-determinant (LU of the non-symmetric ``I + C``). n: the order-n series.
     normalize : bool
         l2-normalise the rows of both views first (default).
@@ -258,9 +270,9 @@ def mec_loss(Z1, Z2, eps, order=None, normalize=True, strict=False):
     check_array("Z2", Z2, ndim=2)
     if Z2.shape != Z1.shape:
         raise MecrefError(f"Z2 must have the shape of Z1 {tuple(Z1.shape)}, got {tuple(Z2.shape)}")
-    eps = check_positive("eps", eps)
+    eps = _check_eps(eps, *Z1.shape, Z1.dtype)
     if order is not None:
-        order = check_int("order", order, lo=1)
+        order = check_int("order", order, lo=1, hi=MAX_ORDER)
     strict = _check_flag("strict", strict)
     if _check_flag("normalize", normalize):
         (Z1c, r1), (Z2c, r2) = _unit_rows(Z1, "Z1"), _unit_rows(Z2, "Z2")
@@ -413,7 +425,7 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
     """
     check_array("Z", Z, ndim=2)
     normalize = _check_flag("normalize", normalize)
-    eps = check_positive("eps", eps)
+    eps = _check_eps(eps, *Z.shape, Z.dtype)
     m, d = Z.shape
     K = check_int("experts", experts, lo=1, hi=m)
     check_choice("gate", gate, GATES)
@@ -443,6 +455,8 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
             pi[idx, k] = 1
     else:
         logits = (Zc @ W_g) / tau
+        if not bool(xp.isfinite(logits).all()):
+            raise MecrefError(f"tau = {tau!r} is too small: Z W_g / tau overflows {Z.dtype}")
         pi = xp.exp(logits - logits.max(axis=1, keepdims=True))
         pi /= pi.sum(axis=1, keepdims=True)
         groups = None

@@ -203,6 +203,13 @@ def _check_image(layer, x, channels):
         raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
 
 
+def _check_floating(layer, x):
+    """x: a floating-point array (any shape)."""
+    if not hasattr(x, "dtype") or not np.issubdtype(np.dtype(x.dtype), np.floating):
+        raise TypeError(f"{type(layer).__name__}: x must be a floating-point numpy/cupy array, "
+                        f"got {getattr(x, 'dtype', type(x).__name__)}")
+
+
 # ============================================================================ Conv2d
 class Conv2d(Layer):
     """2-D convolution (cross-correlation) as im2col + GEMM (derivations N1).
@@ -378,6 +385,7 @@ class ReLU(Layer):
     """``y = max(x, 0)``; ``dx = dy * 1[x > 0]`` (derivations N5). Any shape."""
 
     def forward(self, x, train=True):
+        _check_floating(self, x)
         xp = array_module(x)
         y = xp.maximum(x, 0)
         if train:
@@ -423,6 +431,7 @@ class MaxPool2d(Layer):
         if not hasattr(x, "ndim") or x.ndim != 4 or x.shape[2] < 2 or x.shape[3] < 2:
             raise MecrefError(f"MaxPool2d: x must be (N, C, H, W) with H, W >= 2, "
                               f"got shape {tuple(getattr(x, 'shape', ()))}")
+        _check_floating(self, x)
         xp = array_module(x)
         N, C, H, W = x.shape
         Ho, Wo = H // 2, W // 2
@@ -489,10 +498,12 @@ class BatchNorm2d(Layer):
     def __init__(self, num_features, momentum=0.1, eps=1e-5, backend="numpy"):
         super().__init__()
         C = check_int("num_features", num_features, 1)
-        if not (isinstance(momentum, numbers.Real) and 0.0 <= float(momentum) <= 1.0):
+        if not (isinstance(momentum, numbers.Real) and not isinstance(momentum, bool)
+                and 0.0 <= float(momentum) <= 1.0):
             raise MecrefError(f"momentum must be a real in [0, 1], got {momentum!r}")
-        if not (isinstance(eps, numbers.Real) and float(eps) > 0):
-            raise MecrefError(f"eps must be a real > 0, got {eps!r}")
+        if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool)
+                and 0 < float(eps) < math.inf):
+            raise MecrefError(f"eps must be a finite real > 0, got {eps!r}")
         self.momentum, self.eps = float(momentum), float(eps)
         xp = get_xp(backend)
         self.params = {"gamma": xp.ones(C, dtype=np.float32), "beta": xp.zeros(C, dtype=np.float32)}
@@ -559,6 +570,7 @@ class GlobalAvgPool2d(Layer):
         if not hasattr(x, "ndim") or x.ndim != 4:
             raise MecrefError(f"GlobalAvgPool2d: x must be (N, C, H, W), "
                               f"got shape {tuple(getattr(x, 'shape', ()))}")
+        _check_floating(self, x)
         if train:
             self._cache = x.shape
         return x.mean(axis=(2, 3))

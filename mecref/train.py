@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -83,11 +85,18 @@ class TrainConfig:
         check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 2)
         check_positive("lr", self.lr)
-        if not 0.0 <= float(self.momentum) < 1.0:
+        if (isinstance(self.momentum, bool) or not isinstance(self.momentum, numbers.Real)
+                or not 0.0 <= float(self.momentum) < 1.0):
             raise MecrefError(f"momentum must be in [0, 1), got {self.momentum!r}")
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
         check_int("val_size", self.val_size, 0)
+        check_choice("dataset", self.dataset, ("bundled", "fashion-mnist", "idx"))
+        for name in ("data_dir", "init_from"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path (str or path-like) or None, got "
+                                f"{type(v).__name__} {v!r}")
         if self.train_limit is not None:
             check_int("train_limit", self.train_limit, 1)
         check_int("seed", self.seed, 0)
@@ -158,6 +167,11 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"train_small_cnn got unknown arguments {sorted(unknown)}")
+    if isinstance(dataset, str):  # a name is TrainConfig's field of the same name ("bundled", ...)
+        overrides, dataset = dict(overrides, dataset=dataset), None
+    elif dataset is not None and not isinstance(dataset, mdata.Dataset):
+        raise TypeError(f"dataset must be a mecref.data.Dataset or a dataset name, got "
+                        f"{type(dataset).__name__}")
     cfg = dataclasses.replace(config, **overrides).validate()
     xp = get_xp(cfg.backend)
     report = _Progress(progress)
@@ -166,6 +180,9 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
     x_train, y_train = ds.x_train, ds.y_train
     x_val = y_val = None
     if cfg.val_size:
+        if cfg.val_size >= len(x_train):
+            raise MecrefError(f"val_size ({cfg.val_size}) must be smaller than the training data "
+                              f"({len(x_train)} images)")
         (x_train, y_train), (x_val, y_val) = mdata.train_val_split(ds, cfg.val_size, seed=cfg.seed)
     if cfg.train_limit is not None:
         x_train, y_train = x_train[:cfg.train_limit], y_train[:cfg.train_limit]
@@ -185,8 +202,12 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
     if resume and ckpt_path is not None and ckpt_path.exists():
         m_state, o_state, meta = load_checkpoint(ckpt_path, expect_config=run_meta,
                                                  keys=("config", "model_config"))
-        model.load_state_dict(m_state)
-        opt.load_state_dict(o_state)
+        _check_progress(meta, ckpt_path, cfg.epochs, steps_per_epoch)
+        try:  # each load checks everything before it copies anything in
+            model.load_state_dict(m_state)
+            opt.load_state_dict(o_state)
+        except MecrefError as exc:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit the model: {exc}") from None
         history, start_epoch, step = meta["history"], meta["epoch"], meta["step"]
         report.line(f"resumed from {ckpt_path} after epoch {start_epoch}")
     elif cfg.init_from:
@@ -201,7 +222,11 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
                                         drop_last=True, backend=cfg.backend)
         for i, (xb, yb) in enumerate(batches):
             opt.lr = optim.cosine_lr(step, total_steps, cfg.lr, warmup_steps)
-            parts = train_step(model, opt, xb, yb, rng, cfg, step)
+            try:
+                parts = train_step(model, opt, xb, yb, rng, cfg, step)
+            except TrainingDivergedError as exc:
+                raise TrainingDivergedError(f"{exc} (epoch {epoch + 1}, batch {i + 1}); "
+                                            f"{_kept(ckpt_path, history)}") from None
             step += 1
             for k in ("loss", "ce", "reg"):
                 sums[k] += parts[k]
@@ -209,6 +234,10 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
             sums["seen"] += parts["seen"]
             report.step(epoch, cfg.epochs, i + 1, steps_per_epoch, sums, time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
+        bad = _nonfinite_state(model)
+        if bad is not None:  # an update overflowed: never evaluate or checkpoint such a model
+            raise TrainingDivergedError(f"{bad} after step {step - 1} (epoch {epoch + 1}); "
+                                        f"{_kept(ckpt_path, history)}")
         n = max(i + 1, 1)
         row = dict(epoch=epoch + 1, loss=sums["loss"] / n, ce=sums["ce"] / n, reg=sums["reg"] / n,
                    train_acc=sums["correct"] / max(sums["seen"], 1),
@@ -236,13 +265,18 @@ def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
     x1, x2 = mdata.two_views(xb, rng)
     x = xp.concatenate([x1, x2], axis=0)
     y = xp.concatenate([yb, yb], axis=0)
-    logits, feats = model.forward(x, train=True)
-    ce, ce_cache = losses.softmax_cross_entropy(logits, y)
-    reg_value, dfeats = _regularizer(feats, B, cfg)
+    try:
+        logits, feats = model.forward(x, train=True)
+        ce, ce_cache = losses.softmax_cross_entropy(logits, y)  # refuses NaN/inf logits
+        reg_value, dfeats = _regularizer(feats, B, cfg)         # refuses NaN/inf features
+    except MecrefError as exc:  # a layer, the loss or the regulariser met NaN or inf
+        where = _locate_nonfinite(model, x)
+        if where is None:
+            raise MecrefError(f"{exc} (at training step {step})") from exc
+        raise TrainingDivergedError(f"{where} at step {step}") from exc
     loss = float(ce) + cfg.reg_weight * reg_value
     if not math.isfinite(loss):
-        raise TrainingDivergedError(f"loss is {loss} at step {step} (ce={float(ce)}, "
-                                    f"reg={reg_value}); the last good checkpoint is kept")
+        raise TrainingDivergedError(f"loss is {loss} (ce={float(ce)}, reg={reg_value}) at step {step}")
     dlogits = losses.softmax_cross_entropy_backward(ce_cache, 1.0)
     model.backward(dlogits, dfeats)
     _check_grads(model, step)
@@ -256,6 +290,10 @@ def _regularizer(feats, B, cfg: TrainConfig):
     if cfg.reg is None or cfg.reg_weight == 0.0:
         return 0.0, None
     xp = array_module(feats)
+    dead = (feats == 0).all(axis=1)  # a sample whose ReLU features are all zero has no direction:
+    if bool(dead.any()):             # give it a tiny constant row (direction 1/sqrt(d)), see T1
+        feats = feats.copy()
+        feats[dead] = xp.finfo(feats.dtype).tiny ** 0.25
     Z1, Z2 = feats[:B], feats[B:]
     beta = cfg.reg_weight
     if cfg.reg in ("mec", "mec_taylor"):
@@ -281,9 +319,52 @@ def _check_grads(model, step):
         return
     for name, layer, key in named:
         if not bool(xp.isfinite(layer.grads[key]).all()):
-            raise TrainingDivergedError(f"non-finite gradient in {name} at step {step}; "
-                                        "the last good checkpoint is kept")
+            raise TrainingDivergedError(f"non-finite gradient in {name} at step {step}")
     raise TrainingDivergedError(f"gradient norm overflowed at step {step}")
+
+
+def _nonfinite_state(model):
+    """'<param> holds NaN or inf' for the first such parameter or buffer, else None."""
+    for name, v in model.state_dict().items():
+        if not np.isfinite(v).all():
+            return f"{name} holds NaN or inf"
+    return None
+
+
+def _locate_nonfinite(model, x):
+    """After a failed forward: the first parameter or buffer, or else the first layer output
+    (a train-mode re-run, layer by layer), that holds NaN or inf; None if there is none."""
+    bad = _nonfinite_state(model)
+    if bad is not None:
+        return bad
+    xp, h = array_module(x), x
+    for name, layer in zip(model.names, model.layers):
+        try:
+            h = layer.forward(h, train=True)
+        except MecrefError as exc:
+            return f"{name} refused its input ({exc})"
+        if not bool(xp.isfinite(h).all()):
+            return f"output of {name} is NaN or inf (every parameter finite)"
+    return None
+
+
+def _kept(ckpt_path, history):
+    if ckpt_path is None:
+        return "no checkpoint_dir was given"
+    if not history:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint {str(ckpt_path)!r} (epoch {len(history)}) is kept"
+
+
+def _check_progress(meta, path, epochs, steps_per_epoch):
+    """A resumed checkpoint's epoch, step and history must agree with each other and the run."""
+    epoch, step, history = meta.get("epoch"), meta.get("step"), meta.get("history")
+    ok = (isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= epochs
+          and step == epoch * steps_per_epoch and isinstance(history, list) and len(history) == epoch)
+    if not ok:
+        raise CheckpointError(f"checkpoint {str(path)!r} has inconsistent progress (epoch {epoch!r}, "
+                              f"step {step!r}, {len(history) if isinstance(history, list) else 'no'} "
+                              f"history rows) for a run of {epochs} epochs of {steps_per_epoch} steps")
 
 
 def evaluate(model, x_uint8, y, batch_size: int = 1000) -> float:
