@@ -147,7 +147,7 @@ def run(torch, quick=False, lead=0.001, log=print):
             rec[part] = r
             rows.append(dict(variant=spec["label"], part=part, mecref=r["mecref"]["median_ms"],
                              torch=r.get("torch", {}).get("median_ms"), ratio=r.get("ratio")))
-        rec["profile"] = common.profile(m_step, 3 if quick else 20)
+        rec["profile"] = common.profile(m_step, 3 if quick else 30)
         out["variants"][variant] = rec
     log(common.table(rows, [("variant", "variant", "s"), ("part", "part", "s"),
                             ("mecref ms", "mecref", ".2f"), ("torch ms", "torch", ".2f"),
