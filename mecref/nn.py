@@ -189,25 +189,22 @@ class Layer:
         return f"{type(self).__name__}({shapes})"
 
 
-def _check_image(layer, x, channels):
-    """x: (N, channels, H, W) floating."""
-    name = type(layer).__name__
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name}: x must be a numpy/cupy array, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise MecrefError(f"{name}: x must be 4-dimensional (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise MecrefError(f"{name}: x must have {channels} channels (axis 1), "
-                          f"got shape {tuple(x.shape)}")
-    if not np.issubdtype(np.dtype(x.dtype), np.floating):
-        raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
-
-
 def _check_floating(layer, x):
     """x: a floating-point array (any shape)."""
     if not hasattr(x, "dtype") or not np.issubdtype(np.dtype(x.dtype), np.floating):
         raise TypeError(f"{type(layer).__name__}: x must be a floating-point numpy/cupy array, "
                         f"got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _check_image(layer, x, channels):
+    """x: (N, channels, H, W) floating."""
+    _check_floating(layer, x)
+    name = type(layer).__name__
+    if x.ndim != 4:
+        raise MecrefError(f"{name}: x must be 4-dimensional (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise MecrefError(f"{name}: x must have {channels} channels (axis 1), "
+                          f"got shape {tuple(x.shape)}")
 
 
 # ============================================================================ Conv2d
@@ -346,14 +343,10 @@ class Linear(Layer):
         self.input_grad = True
 
     def _check_input(self, x):
+        _check_floating(self, x)
         n_in = self.params["W"].shape[1]
-        name = type(self).__name__
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name}: x must be a numpy/cupy array, got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != n_in:
-            raise MecrefError(f"{name}: x must have shape (N, {n_in}), got {tuple(x.shape)}")
-        if not np.issubdtype(np.dtype(x.dtype), np.floating):
-            raise TypeError(f"{name}: x must be a floating-point array, got dtype {x.dtype}")
+            raise MecrefError(f"{type(self).__name__}: x must have shape (N, {n_in}), got {tuple(x.shape)}")
 
     def forward(self, x, train=True):
         self._check_input(x)
