@@ -599,17 +599,16 @@ class _FakeQuant:
     """Weight and input fake quantization of one layer (derivations N9).
 
     Mixed into :class:`QuantConv2d` and :class:`QuantLinear`; its params and buffers live in
-    the layer's own dicts. Per scheme:
+    the layer's own dicts. Weights are signed and, unless said, per output channel; input
+    activations per tensor:
 
-    ======================  ===============================================  =====================
-    scheme                  weights (signed, per output channel unless said)  input activations
-    ======================  ===============================================  =====================
-    ``"ste"``               ``s = max|w| / Qp``, recomputed each forward,     ``s = a_max / Qp``, a_max an
-                            constant for the gradient (STE)                   EMA of the batch max (buffer)
-    ``"dorefa_pact"``       DoReFa (per tensor)                               PACT, learnable ``alpha``
-    ``"lsq"``               LSQ, learnable ``s_w``                            LSQ, learnable ``s_a`` (per tensor)
-    ``"lsqplus"``           LSQ+ (symmetric: LSQ with LSQ+'s init)            LSQ+, learnable ``s_a``, ``beta_a``
-    ======================  ===============================================  =====================
+    - ``"ste"``: weights ``s = max|w| / Qp`` recomputed each forward, held constant in the
+      backward; inputs ``s = a_max / Qp`` with ``a_max`` an EMA of the batch max (a buffer).
+    - ``"dorefa_pact"``: DoReFa weights (per tensor); PACT inputs with a learnable ``alpha``
+      (signed inputs, which PACT cannot clip, use the ``"ste"`` input quantizer).
+    - ``"lsq"``: LSQ weights (learnable ``s_w``) and inputs (learnable ``s_a``).
+    - ``"lsqplus"``: LSQ+ weights (symmetric, i.e. LSQ's quantizer with LSQ+'s initial step)
+      and LSQ+ inputs (learnable ``s_a`` and offset ``beta_a``).
 
     Data-driven initial values are set at the layer's first forward (buffer ``ready`` flips
     to 1 and travels with the state dict, so a loaded model is not re-initialised).
@@ -681,7 +680,7 @@ class _FakeQuant:
         return (xp.abs(x) if self.a_signed else x).max()
 
     # --- weights ---------------------------------------------------------------------------
-    def _quant_w(self, W, train):
+    def _quant_w(self, W):
         """Fake-quantized weight and what its backward needs."""
         if self.w_bits == FULL_PRECISION:
             return W, None
@@ -755,7 +754,7 @@ class _FakeQuant:
         if "ready" in self.buffers and not float(self.buffers["ready"]):
             self._init_quant(x)
         xq, cx = self._quant_x(x, train)
-        Wq, cw = self._quant_w(self.params["W"], train)
+        Wq, cw = self._quant_w(self.params["W"])
         y = core(xq, Wq, train)
         if train:
             self._qcache = (cx, cw)
