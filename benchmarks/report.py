@@ -427,6 +427,11 @@ def _profiles_md(res, missed):
         if "profile" in v:
             L += [f"cProfile of the mecref {v['label']} training step (top functions by own time):", "",
                   _profile_md(v["profile"], "step"), ""]
+            median = v["step"]["mecref"]["median_ms"]
+            if v["profile"]["total_ms"] > 3 * median:
+                L += [f"_This profile ({v['profile']['total_ms']:.0f} ms/step) was taken during a load "
+                      f"spike of the shared machine (the timed median is {median:.0f} ms): read its "
+                      "proportions, not its times._", ""]
     for p in (res.get("entropy") or {}).get("profiles", []):
         if ("coding_length" in keys and p["term"] == "coding_length") or \
                 ("moe_k4" in keys and p["term"] == "moe_K4") or not missed:
