@@ -20,6 +20,9 @@ from benchmarks import __main__ as cli  # noqa: E402
 from benchmarks import common, gemm, memory, report  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+# One BLAS/OpenMP thread in the smoke runs: nothing here is timed, and on a busy shared machine
+# two-thread pools can stall each other for seconds at every barrier.
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 NEEDS_TORCH = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed (pip install torch==2.13.0): "
                                                        "the torch side of the harness is skipped")
 
@@ -33,9 +36,19 @@ def doc_without_torch(tmp_path_factory):
     """A --quick run of every benchmark with torch disabled (as on a machine without it)."""
     mp = pytest.MonkeyPatch()
     mp.setattr(common, "DISABLE_TORCH", True)
+    for k, v in ONE_THREAD.items():
+        mp.setenv(k, v)   # for the memory benchmark's subprocesses
     out = tmp_path_factory.mktemp("bench") / "no_torch.json"
     try:
-        cli.run(["--quick", "--json", str(out)], log=_quiet)
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    try:
+        if threadpool_limits is None:
+            cli.run(["--quick", "--json", str(out)], log=_quiet)
+        else:
+            with threadpool_limits(1):
+                cli.run(["--quick", "--json", str(out)], log=_quiet)
     finally:
         mp.undo()
     return json.loads(out.read_text())
@@ -56,6 +69,7 @@ def doc_with_torch(tmp_path_factory):
         pytest.skip("torch is not installed: the torch side of the harness is skipped")
     out = tmp_path_factory.mktemp("bench") / "torch.json"
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "MECREF_BENCH_NO_TORCH")}
+    env.update(ONE_THREAD)
     _run_cli(["--quick", "--only", "step,entropy,gemm,gpu", "--json", str(out)], env)
     return json.loads(out.read_text())
 
@@ -88,7 +102,9 @@ def test_quick_run_without_torch(doc_without_torch):
 def test_quick_run_with_torch(doc_with_torch):
     res = doc_with_torch["results"]
     assert doc_with_torch["machine"]["torch"] and doc_with_torch["spin_check"]["numpy_alone_ms"] > 0
-    assert doc_with_torch["threads"]["torch_threads"].startswith("torch.set_num_threads(")
+    threads = doc_with_torch["threads"]   # torch gets as many threads as NumPy's BLAS has
+    assert threads["torch_threads"] == f"torch.set_num_threads({threads['numpy_blas_threads']}) -> " \
+        f"{threads['numpy_blas_threads']} intra-op"
     assert doc_with_torch["threads"]["openblas_thread_timeout"] == "set to 4 before numpy was imported"
     for v in res["step"]["variants"].values():
         assert v["step"]["ratio"] > 0 and v["forward"]["ratio"] > 0
@@ -111,7 +127,7 @@ def test_quick_run_with_torch(doc_with_torch):
 
 @NEEDS_TORCH
 def test_torch_memory_child():
-    rec = memory.measure("torch", "w4a4_lsq", 1, 4, "rss")
+    rec = memory.measure("torch", "w4a4_lsq", 1, 4, "rss", env=dict(os.environ, **ONE_THREAD))
     assert "error" not in rec, rec.get("error")
     assert rec["lib"] == "torch" and rec["delta_mib"] >= 0
 
@@ -180,6 +196,7 @@ def test_module_entry_point_sets_thread_timeout(tmp_path):
     """`python -m benchmarks` sets OPENBLAS_THREAD_TIMEOUT before NumPy loads, and says so."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     env["MECREF_BENCH_NO_TORCH"] = "1"
+    env.update(ONE_THREAD)
     out = tmp_path / "g.json"
     proc = _run_cli(["--quick", "--only", "gemm", "--json", str(out)], env)
     doc = json.loads(out.read_text())
