@@ -387,6 +387,12 @@ def _gemm_md(rec):
                      _x(v.get("torch_step_ms")), _x(v.get("torch_gflops"), ".1f"),
                      _x(v.get("torch_fraction_of_peak")), f"{v['replay_gflops']:.1f}",
                      _x(v.get("replay_share_of_mecref_step"))])
+    if any((v.get(k) or 0) > 1 for v in rec["variants"].values()
+           for k in ("mecref_fraction_of_peak", "torch_fraction_of_peak", "replay_fraction_of_peak")):
+        L += ["_A fraction above 1 below means the machine's rate was measured during a load spike "
+              "of the shared machine (it is lower than what the step reached at another moment): "
+              "these fractions are not valid in this run; rerun `python -m benchmarks --only "
+              "step,gemm` on a quiet machine._", ""]
     L.append(_md_table(["variant", "GEMM GFLOP / step", "mecref step ms", "mecref GFLOP/s",
                         "mecref / peak", "torch step ms", "torch GFLOP/s", "torch / peak",
                         "replay GFLOP/s", "replay time / mecref step"], rows))
