@@ -39,7 +39,6 @@ import json
 import math
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import numpy as np
 
 from . import nn, quant
 from .backend import MecrefError, array_module, backend_name, to_backend, to_host
+from .checkpoint import _verify_zip
 from .data import PIXEL_MEAN, PIXEL_STD, normalize
 from .validate import check_int
 
@@ -667,14 +667,20 @@ def load_int_model(path) -> IntModel:
     if not path.is_file():
         raise ExportError(f"integer model {str(path)!r} does not exist")
     try:
+        _verify_zip(path)                     # every member read whole: CRC-32 and names
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        doc = json.loads(arrays.pop(_META).tobytes().decode("utf-8"))
-    except KeyError:
-        raise ExportError(f"{str(path)!r} has no graph: not a mecref integer model") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # zipfile, numpy's header parser, ...: any failure here is corruption
         raise ExportError(f"integer model {str(path)!r} is truncated or corrupt "
                           f"({type(exc).__name__}: {exc})") from None
+    if _META not in arrays:
+        raise ExportError(f"{str(path)!r} has no graph: not a mecref integer model")
+    if not all(isinstance(a, np.ndarray) for a in arrays.values()):
+        raise ExportError(f"integer model {str(path)!r} is corrupt: a member is not a .npy array")
+    try:
+        doc = json.loads(arrays.pop(_META).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"integer model {str(path)!r}: unreadable graph ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{str(path)!r} is not a {FORMAT} v{FORMAT_VERSION} file")
     try:
@@ -720,10 +726,16 @@ def _check_int_model(imodel, what):
                 bad(f"node {i}: shift must be ({F},) in 1..62")
             if imodel.arrays[node["offset"]].shape[0] != F:
                 bad(f"node {i}: offset must have {F} rows")
-            if not isinstance(node.get("dtype"), str):
-                bad(f"node {i}: dtype missing")
-        if node["op"] == "conv2d" and imodel.arrays[node["weight"]].ndim != 4:
-            bad(f"node {i}: conv weight must be 4-dimensional")
+            if node.get("dtype") not in ("uint8", "int8", "int16", "int32", "int64"):
+                bad(f"node {i}: dtype must name an integer type, got {node.get('dtype')!r}")
+            lims = (node.get("qmin"), node.get("qmax"))
+            if lims != (None, None) and not (all(type(q) is int for q in lims) and lims[0] <= lims[1]):
+                bad(f"node {i}: qmin, qmax must be ints with qmin <= qmax (or both null), got {lims}")
+        if node["op"] == "conv2d":
+            st, pad = node.get("stride"), node.get("padding")
+            if imodel.arrays[node["weight"]].ndim != 4 or type(st) is not int or st < 1 \
+                    or type(pad) is not int or pad < 0:
+                bad(f"node {i}: conv weight must be 4-dimensional, stride an int >= 1, padding >= 0")
         if node["op"] == "lut" and imodel.arrays[node["table"]].shape != (256,):
             bad(f"node {i}: the pixel table must have 256 entries")
         defined.add(node.get("output"))

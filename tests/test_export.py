@@ -168,7 +168,8 @@ def test_save_load_round_trip(models, test_set, tmp_path):
 
 def test_corrupt_or_foreign_files_are_refused(models, tmp_path):
     model, ckpt = models[("lsq", 2, 2, 8)]
-    p = save_int_model(export_int_model(model), tmp_path / "int.npz")
+    imodel_ref = export_int_model(model)
+    p = save_int_model(imodel_ref, tmp_path / "int.npz")
     raw = p.read_bytes()
     for i, bad in enumerate((raw[: len(raw) // 2], b"", b"garbage" * 50)):
         q = tmp_path / f"bad{i}.npz"
@@ -179,6 +180,20 @@ def test_corrupt_or_foreign_files_are_refused(models, tmp_path):
         load_int_model(ckpt)
     with pytest.raises(ExportError, match="does not exist"):
         load_int_model(tmp_path / "missing.npz")
+    rng = np.random.default_rng(0)
+    for off in rng.integers(0, len(raw), 150):                     # any flipped bit: refused,
+        bad = bytearray(raw)                                       # or read back identical
+        bad[off] ^= 1 << int(rng.integers(8))
+        try:
+            got = load_int_model(_write(tmp_path / "flip.npz", bytes(bad)))
+        except ExportError:
+            continue
+        assert got.graph == imodel_ref.graph and got.tensors == imodel_ref.tensors
+        assert all(np.array_equal(got.arrays[k], imodel_ref.arrays[k]) for k in imodel_ref.arrays)
+    imodel = load_int_model(p)
+    imodel.graph[1]["stride"] = "1"
+    with pytest.raises(ExportError, match="stride an int"):
+        save_int_model(imodel, tmp_path / "x.npz")
     imodel = load_int_model(p)
     imodel.graph[3]["op"] = "softmax"
     with pytest.raises(ExportError, match="unknown op"):
@@ -187,6 +202,11 @@ def test_corrupt_or_foreign_files_are_refused(models, tmp_path):
     imodel.arrays["conv2.n"] = imodel.arrays["conv2.n"] * 0
     with pytest.raises(ExportError, match="shift"):
         save_int_model(imodel, tmp_path / "x.npz")
+
+
+def _write(p, data):
+    p.write_bytes(data)
+    return p
 
 
 def test_models_that_cannot_be_exported_are_refused():
