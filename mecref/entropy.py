@@ -135,7 +135,7 @@ def _check_eps(eps, m, d, dtype):
     eps = check_positive("eps", eps)
     e2 = eps * eps
     lam = d / (m * e2) if e2 > 0 else math.inf
-    if not 0 < lam < np.finfo(dtype).max:
+    if not 0 < lam < float(np.finfo(dtype).max):
         raise MecrefError(f"eps = {eps!r} gives lam = d / (m eps^2) = {lam!r}, which is not a "
                           f"finite positive {np.dtype(dtype).name} (m = {m}, d = {d})")
     return eps
