@@ -20,7 +20,7 @@ from mecref.export import (ExportError, IntModel, _fixed_point, _round_shift, co
                            int_run, load_int_model, save_int_model)
 from mecref.train import train_small_cnn
 
-TINY = dict(epochs=1, train_limit=1024, batch_size=64, lr=0.2, warmup_epochs=0.0,
+TINY = dict(epochs=1, train_limit=1024, batch_size=64, lr=0.2, warmup_epochs=0.0, eps=0.5,
             width=(8, 16, 16), progress=False)
 # (quantizer, w_bits, a_bits, first_last_bits)
 WHOLE_SET = [("lsq", 8, 8, 8), ("lsq", 4, 4, 8), ("lsq", 2, 2, 8)]
