@@ -159,7 +159,9 @@ def _act_quantizer(layer):
     bits, signed = layer.a_bits, layer.a_signed
     Qn, Qp = quant.qrange(bits, signed)
     p = {k: np.asarray(to_host(v)) for k, v in layer.params.items()}
-    kind = layer._act_kind()
+    kind = layer.scheme                    # N9: PACT is unsigned, so a signed input of a
+    if kind == "dorefa_pact":              # "dorefa_pact" layer uses the STE range quantizer
+        kind = "ste" if signed else "pact"
     q = dict(kind=kind, bits=bits, signed=signed, Qn=Qn, Qp=Qp)
     if kind == "ste":
         a_max = np.asarray(to_host(layer.buffers["a_max"]))
@@ -411,8 +413,7 @@ def _window_sums(Wc, out_shape, stride, pad):
     F, Cin, k, _ = Wc.shape
     H = (out_shape[0] - 1) * stride + k - 2 * pad
     Wd = (out_shape[1] - 1) * stride + k - 2 * pad
-    ones = np.ones((1, Cin, H, Wd), np.int32)
-    cols = nn.im2col(ones, k, stride, pad)
+    cols, _ = _windows(np.ones((1, Cin, H, Wd), np.int32), k, stride, pad)
     return (Wc.reshape(F, -1).astype(np.int64) @ cols[0]).reshape(F, *out_shape).astype(np.float64)
 
 
@@ -421,14 +422,25 @@ def _op_lut(node, arrays, x):
     return arrays[node["table"]][x][:, None, :, :]
 
 
+def _windows(x, k, stride, pad):
+    """Integer im2col: ``cols[n, (c, i, j), (h, w)] = x_pad[n, c, i + stride h, j + stride w]``,
+    shape (N, C k k, Ho Wo), zero padding (the code 0) (X3)."""
+    N, C, H, W = x.shape
+    xp = np.zeros((N, C, H + 2 * pad, W + 2 * pad), np.int32)
+    xp[:, :, pad:pad + H, pad:pad + W] = x
+    Ho, Wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+    sN, sC, sH, sW = xp.strides
+    win = np.lib.stride_tricks.as_strided(
+        xp, (N, C, k, k, Ho, Wo), (sN, sC, sH, sW, stride * sH, stride * sW))
+    return win.reshape(N, C * k * k, Ho * Wo), (Ho, Wo)
+
+
 def _op_conv2d(node, arrays, x):
     Wc = arrays[node["weight"]]
     F, _, k, _ = Wc.shape
-    cols = nn.im2col(x.astype(np.int32), k, node["stride"], node["padding"])
+    cols, (Ho, Wo) = _windows(x, k, node["stride"], node["padding"])
     acc = Wc.reshape(F, -1).astype(np.int32) @ cols                     # int32 (N, F, Ho*Wo)
-    N, H, W = x.shape[0], x.shape[2], x.shape[3]
-    p, s = node["padding"], node["stride"]
-    return acc.reshape(N, F, (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1)
+    return acc.reshape(x.shape[0], F, Ho, Wo)
 
 
 def _op_linear(node, arrays, x):
