@@ -53,12 +53,12 @@ class TrainConfig:
     first_last_bits: int = 8        # bits of the first conv and the last linear (32 = FP)
     reg: str | None = "mec"         # one of REGULARIZERS
     reg_weight: float = 0.5         # beta
-    eps: float = 0.5                # distortion epsilon (not squared) of the coding length
+    eps: float = 2.0                # distortion epsilon (not squared) of the coding length
     order: int = 4                  # Taylor order for reg="mec_taylor"
     experts: int = 4                # K for reg="moe"
     epochs: int = 6
     batch_size: int = 128           # images per view; the network sees 2 * batch_size
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
@@ -269,10 +269,12 @@ def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
         logits, feats = model.forward(x, train=True)
         ce, ce_cache = losses.softmax_cross_entropy(logits, y)  # refuses NaN/inf logits
         reg_value, dfeats = _regularizer(feats, B, cfg)         # refuses NaN/inf features
-    except MecrefError as exc:  # a layer, the loss or the regulariser met NaN or inf
+    except (MecrefError, np.linalg.LinAlgError) as exc:  # a layer, the loss or the regulariser
+        # met NaN or inf, or the regulariser is undefined (det(I + C) <= 0) or its Gram matrix
+        # lost positive definiteness in floating point (a tiny per-expert eps)
         where = _locate_nonfinite(model, x)
         if where is None:
-            raise MecrefError(f"{exc} (at training step {step})") from exc
+            raise TrainingDivergedError(f"{exc} (at training step {step})") from exc
         raise TrainingDivergedError(f"{where} at step {step}") from exc
     loss = float(ce) + cfg.reg_weight * reg_value
     if not math.isfinite(loss):
