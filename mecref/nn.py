@@ -16,9 +16,13 @@ and carries
 - ``positive``: param keys that must stay > 0 (quantizer steps ``s``, PACT's ``alpha``).
 
 ``forward(x, train=False)`` keeps no cache and leaves a pending train-mode cache alone.
-Images are NCHW float32 (float64 works too: the derivation tests use it). Large temporaries
-that never leave a layer (im2col columns, padded inputs, masks) live in per-layer workspaces
-that are reused across steps; arrays a layer returns are always fresh.
+Images are NCHW float32 (float64 works too: the derivation tests use it). Every layer takes
+an (N, C, H, W) array in any memory layout, but returns its 4-D outputs and input gradients
+channel-major in memory: a ``(C, N, H, W)`` array seen through the ``(N, C, H, W)`` view
+``a.swapaxes(0, 1)`` (:func:`_cm`). In that layout a convolution over the whole batch is one
+GEMM with no transpose, and BatchNorm's per-channel sums run over contiguous rows (N1, N3).
+Large temporaries that never leave a layer (im2col columns, padded inputs, masks) live in
+per-layer workspaces that are reused across steps; arrays a layer returns are always fresh.
 
 Quantized layers (:class:`QuantConv2d`, :class:`QuantLinear`) fake-quantize their weight and
 their input activation with one of :data:`SCHEMES` (section N9); :func:`small_cnn` builds the
@@ -69,49 +73,62 @@ def _check_dy(layer, dy, shape):
 
 
 # ============================================================================ im2col / col2im
+def _cm(a):
+    """Swap the first two axes, ``(N, C, ...) <-> (C, N, ...)``: a view, its own inverse.
+
+    Layers keep 4-D activations and their gradients channel-major in memory, ``(C, N, H, W)``,
+    and hand them on as this ``(N, C, H, W)`` view (module docstring)."""
+    return a.swapaxes(0, 1)
+
+
 def im2col(x, k, stride, padding, out=None, xpad=None):
     """Unfold k x k windows into columns (derivations N1).
 
     .. math::
-        \\mathrm{cols}[n, (c, i, j), (h_o, w_o)] = x_{pad}[n, c,\\; i + s h_o,\\; j + s w_o]
+        \\mathrm{cols}[(c, i, j), (n, h_o, w_o)] = x_{pad}[n, c,\\; i + s h_o,\\; j + s w_o]
+
+    The columns of all images sit side by side, so a convolution is one GEMM
+    ``W_(F, Ckk) @ cols_(Ckk, N Ho Wo)``.
 
     Parameters
     ----------
-    x : ndarray (N, C, H, W)
+    x : ndarray (N, C, H, W), any memory layout (channel-major is copied fastest)
     k, stride, padding : int
-    out : ndarray (N, C*k*k, Ho*Wo) or None
+    out : ndarray (C*k*k, N*Ho*Wo) or None
         Workspace to write the columns into (allocated when None).
-    xpad : ndarray (N, C, H + 2 padding, W + 2 padding) or None
-        Workspace for the zero-padded input, whose border must be zero (it is only written
-        inside); allocated when None.
+    xpad : ndarray (C, N, H + 2 padding, W + 2 padding) or None
+        Workspace for the zero-padded input, channel-major, whose border must be zero (it is
+        only written inside); allocated when None.
 
     Returns
     -------
-    cols : ndarray (N, C*k*k, Ho*Wo), ``Ho = (H + 2 padding - k) // stride + 1``
+    cols : ndarray (N, C*k*k, Ho*Wo), ``Ho = (H + 2 padding - k) // stride + 1``: the view of
+        the (C*k*k, N*Ho*Wo) GEMM operand that reads image n's columns at ``cols[n]``
     """
     xp = array_module(x)
     N, C, H, W = x.shape
+    xc = _cm(x)                                                    # (C, N, H, W)
     if padding:
         if xpad is None:
-            xpad = xp.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=x.dtype)
-        xpad[:, :, padding:padding + H, padding:padding + W] = x
-        x = xpad
-    Hp, Wp = x.shape[2:]
+            xpad = xp.zeros((C, N, H + 2 * padding, W + 2 * padding), dtype=x.dtype)
+        xpad[:, :, padding:padding + H, padding:padding + W] = xc
+        xc = xpad
+    Hp, Wp = xc.shape[2:]
     Ho, Wo = (Hp - k) // stride + 1, (Wp - k) // stride + 1
     if out is None:
-        out = xp.empty((N, C * k * k, Ho * Wo), dtype=x.dtype)
-    sN, sC, sH, sW = x.strides
+        out = xp.empty((C * k * k, N * Ho * Wo), dtype=x.dtype)
+    sC, sN, sH, sW = xc.strides
     windows = xp.lib.stride_tricks.as_strided(
-        x, shape=(N, C, k, k, Ho, Wo), strides=(sN, sC, sH, sW, stride * sH, stride * sW))
-    out.reshape(N, C, k, k, Ho, Wo)[...] = windows
-    return out
+        xc, shape=(C, k, k, N, Ho, Wo), strides=(sC, sH, sW, sN, stride * sH, stride * sW))
+    out.reshape(C, k, k, N, Ho, Wo)[...] = windows
+    return out.reshape(C * k * k, N, Ho * Wo).swapaxes(0, 1)
 
 
 def col2im(dcols, x_shape, k, stride, padding, dxpad=None, rows=None):
     """Fold column gradients back onto the image: the adjoint of :func:`im2col` (N1).
 
     .. math::
-        dx_{pad}[n, c, i + s h_o, j + s w_o] \\mathrel{+}= \\mathrm{dcols}[n, i, j, c, h_o, w_o]
+        dx_{pad}[n, c, i + s h_o, j + s w_o] \\mathrel{+}= \\mathrm{dcols}[n, (i, j, c), (h_o, w_o)]
 
     Whole slabs, no scatter, in two passes: for each column offset ``j`` the ``k`` slabs of
     the row offsets ``i`` are summed into ``rows`` (adds along whole image rows), which is then
@@ -119,37 +136,39 @@ def col2im(dcols, x_shape, k, stride, padding, dxpad=None, rows=None):
 
     Parameters
     ----------
-    dcols : ndarray (N, k*k*C, Ho*Wo), offset-major: row ``(i, j, c)``
+    dcols : ndarray (N, k*k*C, Ho*Wo), offset-major: row ``(i, j, c)``; fastest as the view
+        ``dcols2.reshape(k*k*C, N, Ho*Wo).swapaxes(0, 1)`` of a GEMM result
+        ``dcols2 (k*k*C, N*Ho*Wo)``, whose slabs are then contiguous
     x_shape : (N, C, H, W)
-    dxpad : ndarray (N, C, H + 2 padding, W + 2 padding) or None
-        Workspace for the padded gradient (allocated when None; overwritten).
-    rows : ndarray (N, C, H + 2 padding, Wo) or None
+    dxpad : ndarray (C, N, H + 2 padding, W + 2 padding) or None
+        Channel-major workspace for the padded gradient (allocated when None; overwritten).
+    rows : ndarray (C, N, H + 2 padding, Wo) or None
         Workspace for one column offset's sum over the row offsets (allocated when None).
 
     Returns
     -------
-    dx : ndarray (N, C, H, W), fresh
+    dx : ndarray (N, C, H, W), fresh, channel-major in memory
     """
     xp = array_module(dcols)
     N, C, H, W = x_shape
     Hp, Wp = H + 2 * padding, W + 2 * padding
     Ho, Wo = (Hp - k) // stride + 1, (Wp - k) // stride + 1
     if dxpad is None:
-        dxpad = xp.empty((N, C, Hp, Wp), dtype=dcols.dtype)
+        dxpad = xp.empty((C, N, Hp, Wp), dtype=dcols.dtype)
     if rows is None:
-        rows = xp.empty((N, C, Hp, Wo), dtype=dcols.dtype)
-    slabs = dcols.reshape(N, k, k, C, Ho, Wo)
+        rows = xp.empty((C, N, Hp, Wo), dtype=dcols.dtype)
+    slabs = dcols.swapaxes(0, 1).reshape(k, k, C, N, Ho, Wo)       # slabs[i, j]: (C, N, Ho, Wo)
     span_h, span_w = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1   # rows/columns a slab reaches
     dxpad.fill(0)
     for j in range(k):
         if stride > 1:
             rows.fill(0)
         rows[:, :, span_h:] = 0
-        rows[:, :, 0:span_h:stride] = slabs[:, 0, j]                 # i = 0 assigns, i > 0 adds
+        rows[:, :, 0:span_h:stride] = slabs[0, j]                    # i = 0 assigns, i > 0 adds
         for i in range(1, k):
-            rows[:, :, i:i + span_h:stride] += slabs[:, i, j]
+            rows[:, :, i:i + span_h:stride] += slabs[i, j]
         dxpad[:, :, :, j:j + span_w:stride] += rows
-    return dxpad[:, :, padding:padding + H, padding:padding + W].copy()
+    return _cm(dxpad[:, :, padding:padding + H, padding:padding + W].copy())
 
 
 # ============================================================================ base layer
@@ -213,10 +232,11 @@ class Conv2d(Layer):
 
     .. math::
         y[n, f] = \\sum_{c, i, j} W[f, c, i, j]\\, x_{pad}[n, c, i + s h_o, j + s w_o] + b[f]
-        \\;\\Longleftrightarrow\\; Y_n = W_{(F, Ckk)}\\, \\mathrm{cols}_n
+        \\;\\Longleftrightarrow\\; Y_{(F,\\, N H_o W_o)} = W_{(F, Ckk)}\\,
+        \\mathrm{cols}_{(Ckk,\\, N H_o W_o)}
 
-    Backward: ``dW = sum_n dY_n cols_n^T``, ``db = sum dY``, ``dcols_n = W^T dY_n`` folded back
-    by :func:`col2im`.
+    one GEMM for the whole batch, whose result ``Y`` is ``y`` channel-major. Backward:
+    ``dW = dY cols^T``, ``db = dY 1``, ``dcols = W^T dY`` folded back by :func:`col2im`.
 
     Parameters
     ----------
@@ -275,7 +295,7 @@ class Conv2d(Layer):
         return dx
 
     def _conv_forward(self, x, W, train):
-        """y = W cols (+ b) for the given (possibly fake-quantized) x and W."""
+        """y = W cols (+ b) for the given (possibly fake-quantized) x and W: one GEMM."""
         xp = array_module(x)
         N, C, H, Wd = x.shape
         F, _, k, _ = W.shape
@@ -283,39 +303,43 @@ class Conv2d(Layer):
         Ho, Wo = (H + 2 * p - k) // s + 1, (Wd + 2 * p - k) // s + 1
         if train:
             cols = im2col(x, k, s, p,
-                          out=self._buffer(xp, "cols", (N, C * k * k, Ho * Wo), x.dtype),
-                          xpad=self._buffer(xp, "xpad", (N, C, H + 2 * p, Wd + 2 * p), x.dtype,
+                          out=self._buffer(xp, "cols", (C * k * k, N * Ho * Wo), x.dtype),
+                          xpad=self._buffer(xp, "xpad", (C, N, H + 2 * p, Wd + 2 * p), x.dtype,
                                             zero=True) if p else None)
         else:
             cols = im2col(x, k, s, p)
-        y = W.reshape(F, -1) @ cols                                 # (N, F, Ho*Wo)
+        cols = cols.swapaxes(0, 1).reshape(C * k * k, N * Ho * Wo)     # a view: the operand
+        y = W.reshape(F, -1) @ cols                                     # (F, N Ho Wo)
         if "b" in self.params:
             y += self.params["b"][:, None]
         if train:
             self._cache = (cols, W, x.shape, (N, F, Ho, Wo))
-        return y.reshape(N, F, Ho, Wo)
+        return _cm(y.reshape(F, N, Ho, Wo))
 
     def _conv_backward(self, dy, need_dx):
-        """(dW, dx) of y = W cols; also sets grads['b']. dx is None unless need_dx."""
+        """(dW, dx) of Y = W cols; also sets grads['b']. dx is None unless need_dx.
+
+        With ``dY (F, N Ho Wo)`` the channel-major gradient: ``dW = dY cols^T``, ``db = dY 1``,
+        ``dcols = W^T dY`` (rows offset-major, (i, j, c)), three single GEMMs or sums."""
         cols, W, x_shape, y_shape = self._pending()
         _check_dy(self, dy, y_shape)
         xp = array_module(dy)
         N, F, Ho, Wo = y_shape
         C, k = x_shape[1], W.shape[2]
-        dy3 = dy.reshape(N, F, Ho * Wo)
-        dW_n = xp.matmul(dy3, cols.transpose(0, 2, 1), out=self._buffer(xp, "dW_n", (N, F, C * k * k), dy.dtype))
-        dW = dW_n.sum(axis=0).reshape(W.shape)
+        dY = _cm(dy).reshape(F, N * Ho * Wo)                            # a view if channel-major
+        dW = (dY @ cols.T).reshape(W.shape)
         if "b" in self.params:
-            self.grads["b"] = dy3.sum(axis=(0, 2))
+            self.grads["b"] = dY.sum(axis=1)
         if not need_dx:
             return dW, None
         W_offsets = W.transpose(2, 3, 1, 0).reshape(k * k * C, F)      # rows (i, j, c)
-        dcols = xp.matmul(W_offsets, dy3, out=self._buffer(xp, "dcols", (N, k * k * C, Ho * Wo), dy.dtype))
+        dcols = xp.matmul(W_offsets, dY, out=self._buffer(xp, "dcols", (k * k * C, N * Ho * Wo), dy.dtype))
         H, Wd = x_shape[2:]
         p = self.padding
-        dxpad = self._buffer(xp, "dxpad", (N, C, H + 2 * p, Wd + 2 * p), dy.dtype)
-        rows = self._buffer(xp, "rows", (N, C, H + 2 * p, Wo), dy.dtype)
-        return dW, col2im(dcols, x_shape, k, self.stride, p, dxpad=dxpad, rows=rows)
+        dxpad = self._buffer(xp, "dxpad", (C, N, H + 2 * p, Wd + 2 * p), dy.dtype)
+        rows = self._buffer(xp, "rows", (C, N, H + 2 * p, Wo), dy.dtype)
+        return dW, col2im(dcols.reshape(k * k * C, N, Ho * Wo).swapaxes(0, 1), x_shape, k,
+                          self.stride, p, dxpad=dxpad, rows=rows)
 
 
 # ============================================================================ Linear
@@ -382,9 +406,7 @@ class ReLU(Layer):
         xp = array_module(x)
         y = xp.maximum(x, 0)
         if train:
-            mask = self._buffer(xp, "mask", x.shape, np.bool_)
-            xp.greater(x, 0, out=mask)
-            self._cache = mask
+            self._cache = xp.greater(x, 0)            # in x's memory layout, as dy will be
         return y
 
     def backward(self, dy):
@@ -428,10 +450,10 @@ class MaxPool2d(Layer):
         xp = array_module(x)
         N, C, H, W = x.shape
         Ho, Wo = H // 2, W // 2
-        x6 = x[:, :, :2 * Ho, :2 * Wo].reshape(N, C, Ho, 2, Wo, 2)   # (.., row a, .., col b)
-        left, right = x6[..., 0], x6[..., 1]                         # (N, C, Ho, 2, Wo)
+        x6 = _cm(x)[:, :, :2 * Ho, :2 * Wo].reshape(C, N, Ho, 2, Wo, 2)  # (.., row a, .., col b)
+        left, right = x6[..., 0], x6[..., 1]                         # (C, N, Ho, 2, Wo)
         rows = xp.maximum(left, right, out=self._buffer(xp, "rows", left.shape, x.dtype))  # row maxima
-        top, bottom = rows[:, :, :, 0], rows[:, :, :, 1]             # (N, C, Ho, Wo)
+        top, bottom = rows[:, :, :, 0], rows[:, :, :, 1]             # (C, N, Ho, Wo)
         y = xp.maximum(top, bottom)
         if self.relu:
             xp.maximum(y, 0, out=y)
@@ -449,23 +471,23 @@ class MaxPool2d(Layer):
             mask_right &= row_wins                                   # ties: left column
             mask_left = row_wins
             mask_left ^= mask_right                                  # row_wins & ~right_wins
-            self._cache = (mask_left, mask_right, x.shape, y.shape)
-        return y
+            self._cache = (mask_left, mask_right, x.shape, (N, C, Ho, Wo))
+        return _cm(y)
 
     def backward(self, dy):
         mask_left, mask_right, x_shape, y_shape = self._pending()
         _check_dy(self, dy, y_shape)
         xp = array_module(dy)
         N, C, Ho, Wo = y_shape
-        dx6 = xp.empty((N, C, Ho, 2, Wo, 2), dtype=dy.dtype)
-        dy5 = dy[:, :, :, None, :]
+        dx6 = xp.empty((C, N, Ho, 2, Wo, 2), dtype=dy.dtype)         # channel-major
+        dy5 = _cm(dy)[:, :, :, None, :]
         xp.multiply(mask_left, dy5, out=dx6[..., 0])
         xp.multiply(mask_right, dy5, out=dx6[..., 1])
         if x_shape[2:] == (2 * Ho, 2 * Wo):
-            return dx6.reshape(x_shape)
-        dx = xp.zeros(x_shape, dtype=dy.dtype)
-        dx[:, :, :2 * Ho, :2 * Wo] = dx6.reshape(N, C, 2 * Ho, 2 * Wo)
-        return dx
+            return _cm(dx6.reshape(C, N, 2 * Ho, 2 * Wo))
+        dx = xp.zeros((C, N) + tuple(x_shape[2:]), dtype=dy.dtype)
+        dx[:, :, :2 * Ho, :2 * Wo] = dx6.reshape(C, N, 2 * Ho, 2 * Wo)
+        return _cm(dx)
 
 
 class BatchNorm2d(Layer):
@@ -508,21 +530,21 @@ class BatchNorm2d(Layer):
         _check_image(self, x, self.params["gamma"].shape[0])
         xp = array_module(x)
         N, C, H, W = x.shape
-        x3 = x.reshape(N, C, H * W)
+        M = N * H * W
+        x2 = _cm(x).reshape(C, M)                    # channel-major: a view (else one copy)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not train:
             scale = gamma / xp.sqrt(self.buffers["running_var"] + self.eps)
             shift = beta - self.buffers["running_mean"] * scale
-            y = x3 * scale[:, None]
+            y = x2 * scale[:, None]
             y += shift[:, None]
-            return y.reshape(x.shape)
-        M = N * H * W
+            return _cm(y.reshape(C, N, H, W))
         if M < 2:
             raise MecrefError(f"BatchNorm2d in train mode needs more than one value per channel, "
                               f"got x of shape {tuple(x.shape)}")
-        mu = xp.einsum("ncp->c", x3) / M
-        xc = xp.subtract(x3, mu[:, None], out=self._buffer(xp, "xc", x3.shape, x.dtype))  # x - mu
-        var = xp.einsum("ncp,ncp->c", xc, xc) / M
+        mu = xp.einsum("cm->c", x2) / M
+        xc = xp.subtract(x2, mu[:, None], out=self._buffer(xp, "xc", x2.shape, x.dtype))  # x - mu
+        var = xp.einsum("cm,cm->c", xc, xc) / M
         t = 1.0 / xp.sqrt(var + self.eps)                        # (sigma^2 + eps)^(-1/2)
         y = xc * (gamma * t)[:, None]                            # gamma xhat + beta
         y += beta[:, None]
@@ -533,7 +555,7 @@ class BatchNorm2d(Layer):
         rv *= 1 - r
         rv += (r * M / (M - 1)) * var.astype(rv.dtype)
         self._cache = (xc, t, x.shape)
-        return y.reshape(x.shape)
+        return _cm(y.reshape(C, N, H, W))
 
     def backward(self, dy):
         xc, t, x_shape = self._pending()
@@ -541,16 +563,16 @@ class BatchNorm2d(Layer):
         xp = array_module(dy)
         N, C, H, W = x_shape
         M = N * H * W
-        dy3 = dy.reshape(N, C, H * W)
-        dbeta = xp.einsum("ncp->c", dy3)
-        dgamma = xp.einsum("ncp,ncp->c", dy3, xc) * t          # sum dy xhat, xhat = xc t
+        dy2 = _cm(dy).reshape(C, M)
+        dbeta = xp.einsum("cm->c", dy2)
+        dgamma = xp.einsum("cm,cm->c", dy2, xc) * t            # sum dy xhat, xhat = xc t
         self.grads["beta"], self.grads["gamma"] = dbeta, dgamma
         # dx = gamma t / M (M dy - dbeta - xhat dgamma) = a dy - a dbeta / M - xc (a t dgamma / M)
         a = self.params["gamma"] * t
-        dx = dy3 * a[:, None]
+        dx = dy2 * a[:, None]
         dx -= xp.multiply(xc, (a * t * dgamma / M)[:, None], out=self._buffer(xp, "tmp", xc.shape, xc.dtype))
         dx -= (a * dbeta / M)[:, None]
-        return dx.reshape(x_shape)
+        return _cm(dx.reshape(C, N, H, W))
 
 
 class GlobalAvgPool2d(Layer):
@@ -572,9 +594,10 @@ class GlobalAvgPool2d(Layer):
         x_shape = self._pending()
         _check_dy(self, dy, x_shape[:2])
         xp = array_module(dy)
-        dx = xp.empty(x_shape, dtype=dy.dtype)
-        dx[...] = (dy * (1.0 / (x_shape[2] * x_shape[3])))[:, :, None, None]
-        return dx
+        N, C, H, W = x_shape
+        dx = xp.empty((C, N, H, W), dtype=dy.dtype)                    # channel-major
+        dx[...] = (dy.T * (1.0 / (H * W)))[:, :, None, None]
+        return _cm(dx)
 
 
 class Flatten(Layer):
