@@ -118,6 +118,24 @@ def test_col2im_is_the_adjoint_of_im2col(rng):
     assert abs(lhs - rhs) < 1e-10 * max(1.0, abs(lhs))
 
 
+def test_layers_hand_on_channel_major_arrays_and_take_any_layout(rng):
+    """Outputs and input gradients are (C, N, H, W) memory seen as (N, C, H, W); an input in
+    either layout gives the same numbers (N1, module docstring)."""
+    x = rng.standard_normal((3, 2, 6, 6))
+    x_cm = np.ascontiguousarray(x.swapaxes(0, 1)).swapaxes(0, 1)     # same values, channel-major
+    for make in (lambda: nn.Conv2d(2, 4, 3, padding=1).astype(np.float64),
+                 lambda: nn.BatchNorm2d(2).astype(np.float64), lambda: nn.MaxPool2d(relu=True)):
+        outs = []
+        for xin in (x, x_cm):
+            layer = make()
+            y = layer.forward(xin, train=True)
+            dx = layer.backward(np.ones_like(y))
+            assert y.swapaxes(0, 1).flags.c_contiguous and dx.swapaxes(0, 1).flags.c_contiguous
+            outs.append((y, dx))
+        np.testing.assert_array_equal(outs[0][0], outs[1][0])
+        np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
 def test_conv_input_grad_off_skips_dx(rng):
     layer = nn.Conv2d(2, 3, 3, padding=1)
     x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
