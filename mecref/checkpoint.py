@@ -17,7 +17,7 @@ import numpy as np
 
 from .backend import MecrefError
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_atomic", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _META = "__meta__"
@@ -49,10 +49,20 @@ def save_checkpoint(path, model_state: dict, optim_state: dict | None, meta: dic
     meta = dict(meta, format_version=FORMAT_VERSION)
     text = json.dumps(meta, indent=1, sort_keys=True, default=_json_default)
     arrays[_META] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    write_atomic(path, lambda fh: np.savez(fh, **arrays))
+    write_atomic(path.with_suffix(".json"), lambda fh: fh.write(text.encode("utf-8")))
+    return path
+
+
+def write_atomic(path, write):
+    """Write a file all or nothing: ``write(fh)`` fills a temporary file in the same folder,
+    which is flushed, fsync'ed and renamed over ``path``; on any failure it is removed and the
+    old file stays as it was."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -60,8 +70,6 @@ def save_checkpoint(path, model_state: dict, optim_state: dict | None, meta: dic
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _write_text_atomic(path.with_suffix(".json"), text)
-    return path
 
 
 def load_checkpoint(path, expect_config: dict | None = None, keys=("model_config",)):
@@ -119,11 +127,6 @@ def _verify_zip(path):
                     pass
 
 
-def _write_text_atomic(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _json_default(obj):

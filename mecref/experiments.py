@@ -45,7 +45,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -57,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import MecrefError
+from .checkpoint import write_atomic
 from .validate import check_int
 
 __all__ = [
@@ -350,17 +350,8 @@ def _load_record(path: Path, full: dict):
 
 def _write_json_atomic(path: Path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(obj, indent=1, sort_keys=True)
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 class _GridProgress:
@@ -509,10 +500,7 @@ def _csv_cell(v):
 
 
 def _write_text_atomic(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _pct(mean, std):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +45,7 @@ import numpy as np
 
 from . import nn, quant
 from .backend import MecrefError, array_module, backend_name, to_backend, to_host
-from .checkpoint import _verify_zip
+from .checkpoint import _verify_zip, write_atomic
 from .data import PIXEL_MEAN, PIXEL_STD, normalize
 from .validate import check_int
 
@@ -651,23 +650,9 @@ def save_int_model(imodel, path) -> Path:
     text = json.dumps(doc, indent=1, sort_keys=True)
     arrays = dict(imodel.arrays)
     arrays[_META] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    _write_atomic(path, lambda fh: np.savez(fh, **arrays))
-    _write_atomic(path.with_suffix(".json"), lambda fh: fh.write(text.encode("utf-8")))
+    write_atomic(path, lambda fh: np.savez(fh, **arrays))
+    write_atomic(path.with_suffix(".json"), lambda fh: fh.write(text.encode("utf-8")))
     return path
-
-
-def _write_atomic(path, write):
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_int_model(path) -> IntModel:

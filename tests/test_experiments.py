@@ -166,7 +166,8 @@ def _fake_runs(d, specs):
 
 
 def test_summary_and_markdown_table_format(tmp_path):
-    fp, mec = dict(quantizer="fp32", reg=None), dict(quantizer="lsq", w_bits=4, a_bits=4)
+    fp = dict(quantizer="fp32", reg=None)
+    mec = dict(quantizer="lsq", w_bits=4, a_bits=4, reg="mec", reg_weight=0.5, eps=0.5)
     _fake_runs(tmp_path, [(fp, 0, 0.90, None, [2.0, 4.0]), (fp, 1, 0.92, None, [3.0, 3.0]),
                           (mec, 0, 0.8512, None, [10.0]), (mec, 1, 0.8, None, [12.0]),
                           (mec, 2, 0.81, None, [11.0])])
