@@ -51,9 +51,9 @@ class TrainConfig:
     w_bits: int = 2                 # weight bits of the inner layers (1..8)
     a_bits: int = 2                 # activation bits of the inner layers (1..8)
     first_last_bits: int = 8        # bits of the first conv and the last linear (32 = FP)
-    reg: str | None = "mec"         # one of REGULARIZERS
-    reg_weight: float = 0.5         # beta
-    eps: float = 2.0                # distortion epsilon (not squared) of the coding length
+    reg: str | None = "mec_taylor"  # one of REGULARIZERS
+    reg_weight: float = 0.2         # beta (defaults: the sweep in docs/results.md)
+    eps: float = 8.0                # distortion epsilon (not squared) of the coding length
     order: int = 4                  # Taylor order for reg="mec_taylor"
     experts: int = 4                # K for reg="moe"
     epochs: int = 6

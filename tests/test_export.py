@@ -20,8 +20,8 @@ from mecref.export import (ExportError, IntModel, _fixed_point, _round_shift, co
                            int_run, load_int_model, save_int_model)
 from mecref.train import train_small_cnn
 
-TINY = dict(epochs=1, train_limit=1024, batch_size=64, lr=0.2, warmup_epochs=0.0, eps=0.5,
-            width=(8, 16, 16), progress=False)
+TINY = dict(epochs=1, train_limit=1024, batch_size=64, lr=0.2, warmup_epochs=0.0, reg="mec",
+            reg_weight=0.5, eps=0.5, width=(8, 16, 16), progress=False)
 # (quantizer, w_bits, a_bits, first_last_bits)
 WHOLE_SET = [("lsq", 8, 8, 8), ("lsq", 4, 4, 8), ("lsq", 2, 2, 8)]
 OTHERS = [("ste", 4, 4, 8), ("lsqplus", 2, 2, 8), ("dorefa_pact", 2, 2, 4), ("lsq", 1, 1, 1)]
