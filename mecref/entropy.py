@@ -376,7 +376,8 @@ def mec_loss_backward(cache, dL=1.0):
 
 
 # ----------------------------------------------------------------------------- E5: mixture of experts
-def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normalize=True):
+def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normalize=True,
+                      scale_grad=False, expert_eps=None):
     r"""Coding length of a mixture of K experts (this project's reading of MEC-Quant's MOE
     form; the coding length of mixed data of Ma et al. 2007): derivations E5.
 
@@ -391,16 +392,25 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
         \bar r_k = \frac{\sum_i \pi_{ik} r_i}{m_k}, \quad \bar r = \frac{1}{m}\sum_i r_i
 
     where ``r_i = |u_i|`` are the norms of the rows as given (before normalisation). So each
-    expert's distortion is relative to its own scale. Gates ``pi`` (m, K):
+    expert's distortion is relative to its own scale. ``expert_eps`` replaces the computed
+    eps_k by given constants. Gates ``pi`` (m, K):
 
     - ``gate="norm"`` (hard): sort the samples by ``r_i``; expert k takes ranks
       ``[ceil(k m/K), ceil((k+1) m/K))``, so the experts are equal in size (within one) and the
       largest norms (a heavy tail) get an expert of their own. Piecewise constant: the routing
-      gets no gradient (eps_k does, through the norms). Each expert is coded on its own smaller
+      gets no gradient (eps_k gets one only with ``scale_grad=True``). Each expert is coded on its own smaller
       side (m_k x m_k when m_k <= d).
     - ``gate="soft"``: ``pi = softmax(Z W_g / tau)`` row-wise, ``Z`` the coded (normalised) rows.
 
-    With K = 1 both reduce to :func:`coding_length` exactly.
+    With K = 1 both reduce to :func:`coding_length` exactly (eps_1 = eps).
+
+    Gradient of the scales (E5): by default (``scale_grad=False``) the eps_k are statistics of
+    the batch held constant in the gradient (a stop-gradient): the value is the same, but the
+    backward drops every term through eps_k and through the norms r_i that define it. With
+    ``normalize=True`` the gradient then acts on the directions of the rows only
+    (``dL/du_i . u_i = 0``), like :func:`coding_length`. Differentiating the scales rewards
+    shrinking an expert's raw norms (smaller eps_k, larger a_k, larger logdet), which collapses
+    training (E5); ``scale_grad=True`` keeps that full derivative.
 
     Parameters
     ----------
@@ -417,6 +427,13 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
         Softmax temperature (gate="soft").
     normalize : bool
         l2-normalise the rows before coding and gating (default).
+    scale_grad : bool
+        Differentiate eps_k (through the norms r_i and, for gate="soft", through pi). Default
+        False: eps_k is held constant in the gradient.
+    expert_eps : array (K,) > 0, optional, only for gate="norm"
+        Per-expert epsilons (NOT squared) used instead of ``eps * rbar_k / rbar``, expert k
+        being the k-th norm range from the smallest. They are constants, so ``scale_grad``
+        has nothing to differentiate.
 
     Returns
     -------
@@ -425,6 +442,7 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
     """
     check_array("Z", Z, ndim=2)
     normalize = _check_flag("normalize", normalize)
+    scale_grad = _check_flag("scale_grad", scale_grad)
     eps = _check_eps(eps, *Z.shape, Z.dtype)
     m, d = Z.shape
     K = check_int("experts", experts, lo=1, hi=m)
@@ -438,7 +456,17 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
             raise MecrefError(f"W_g must have shape (d, K) = ({d}, {K}), got {tuple(W_g.shape)}")
     elif W_g is not None:
         raise MecrefError("W_g is used only with gate='soft'; got an array with gate='norm'")
-    xp = array_module(Z, W_g)
+    if expert_eps is not None:
+        if gate != "norm":
+            raise MecrefError(f"expert_eps is used only with gate='norm'; got an array with "
+                              f"gate={gate!r}")
+        check_array("expert_eps", expert_eps, ndim=1)
+        if expert_eps.shape != (K,):
+            raise MecrefError(f"expert_eps must have shape (K,) = ({K},), got "
+                              f"{tuple(expert_eps.shape)}")
+        if not bool(array_module(expert_eps).all(expert_eps > 0)):
+            raise MecrefError(f"expert_eps must be > 0, got {to_host(expert_eps).tolist()!r}")
+    xp = array_module(Z, W_g, expert_eps)
 
     if normalize:
         Zc, r = _unit_rows(Z, "Z")
@@ -461,14 +489,24 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
         pi /= pi.sum(axis=1, keepdims=True)
         groups = None
     mk = pi.sum(axis=0)                      # (K,)
-    R = pi.T @ r                             # (K,)  R_k = sum_i pi_ik r_i = m_k rbar_k
-    if not bool(xp.all(R > 0)):
-        raise MecrefError("an expert's rows all have zero norm, so its eps_k = eps * rbar_k / rbar "
-                          "is 0: give rows with non-zero norm")
-    Rsum = R.sum()                           # = sum_i r_i, since sum_k pi_ik = 1
-    rbar = Rsum / m
-    ratio = (R * m) / (mk * Rsum)            # eps_k / eps = rbar_k / rbar (exactly 1 for K = 1)
-    a = (d / (m * eps ** 2)) * (m / mk) / ratio ** 2   # a_k = d / (m_k eps_k^2)
+    R = rbar = None
+    if expert_eps is None:
+        R = pi.T @ r                         # (K,)  R_k = sum_i pi_ik r_i = m_k rbar_k
+        if not bool(xp.all(R > 0)):
+            raise MecrefError("an expert's rows all have zero norm, so its eps_k = eps * rbar_k "
+                              "/ rbar is 0: give rows with non-zero norm")
+        Rsum = R.sum()                       # = sum_i r_i, since sum_k pi_ik = 1
+        rbar = Rsum / m
+        ratio = (R * m) / (mk * Rsum)        # eps_k / eps = rbar_k / rbar (exactly 1 for K = 1)
+        a = (d / (m * eps ** 2)) * (m / mk) / ratio ** 2   # a_k = d / (m_k eps_k^2)
+    else:
+        ek = xp.asarray(expert_eps, dtype=Z.dtype)
+        with np.errstate(divide="ignore", over="ignore"):   # refused just below
+            a = d / (mk * ek ** 2)
+        if not bool(xp.all(xp.isfinite(a) & (a > 0))):
+            raise MecrefError(f"expert_eps = {to_host(expert_eps).tolist()!r} gives a_k = "
+                              f"d / (m_k eps_k^2) that are not finite positive {Z.dtype} numbers")
+        scale_grad = False                   # given constants: nothing to differentiate
     c = (mk + d) / 2
     X = Kz = None
     if gate == "norm":                       # expert k codes its own rows Z_k (m_k, d)
@@ -484,7 +522,8 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
                               for k in range(K)])
     ell = xp.stack(logdets)                  # (K,) logdet(I_d + a_k Z^T Pi_k Z)
     L = (c * ell).sum() - (mk * xp.log(mk / m)).sum()
-    return L, (gate, Zc, r, normalize, pi, groups, X, Kz, facs, ell, mk, R, rbar, a, c, W_g, tau)
+    return L, (gate, Zc, r, normalize, scale_grad, pi, groups, X, Kz, facs, ell, mk, R, rbar, a, c,
+               W_g, tau)
 
 
 def moe_coding_length_backward(cache, dL=1.0):
@@ -503,18 +542,22 @@ def moe_coding_length_backward(cache, dL=1.0):
               + c_k \gamma_k a_k \Big(\frac{1}{m_k} - \frac{2 r_i}{R_k}\Big)
               + \frac{\ell_k}{2} - \log\frac{m_k}{m} - 1
 
-    (``R_k = sum_i pi_ik r_i``, ``ell_k = logdet B_k``). Soft gating goes on through the softmax,
+    (``R_k = sum_i pi_ik r_i``, ``ell_k = logdet B_k``). These are the full derivatives
+    (``scale_grad=True``). By default (``scale_grad=False``, or with ``expert_eps``) eps_k is
+    held constant: ``dL/dr_i = 0`` and the middle term of ``dL/dpi_ik`` is
+    ``-c_k gamma_k a_k / m_k`` (only ``a_k = d / (m_k eps_k^2)`` through m_k). Soft gating goes on through the softmax,
     ``dS = pi * (dpi - sum_k pi_k dpi_k)``, ``S = Z W_g / tau``:
     ``dW_g = Z^T dS / tau`` and ``dZ += dS W_g^T / tau``. Hard routing is piecewise constant:
-    no gradient through pi. Finally through the normalisation (E2) and the norms
-    ``r_i = |u_i|`` (``dr_i/du_i = u_i / r_i``). (eps is NOT squared.)
+    no gradient through pi. Finally through the normalisation (E2) and, with ``scale_grad``,
+    the norms ``r_i = |u_i|`` (``dr_i/du_i = u_i / r_i``). (eps is NOT squared.)
 
     Returns
     -------
     dZ : array (m, d)
     dW_g : array (d, K) for gate="soft", None for gate="norm"
     """
-    gate, Zc, r, normalize, pi, groups, X, Kz, facs, ell, mk, R, rbar, a, c, W_g, tau = cache
+    (gate, Zc, r, normalize, scale_grad, pi, groups, X, Kz, facs, ell, mk, R, rbar, a, c, W_g,
+     tau) = cache
     xp = array_module(Zc)
     m, d = Zc.shape
     K = pi.shape[1]
@@ -546,19 +589,22 @@ def moe_coding_length_backward(cache, dL=1.0):
         gamma = xp.sum(pi * q, axis=0)
         dZ = (2 * pi @ (c * a))[:, None] * Zc - M @ Zc
     w = c * gamma * a                                  # (K,) dL/d(log a_k)
-    dr = 2 * (w.sum() / (m * rbar) - pi @ (w / R))     # (m,)
     dW_g = None
-    if gate == "soft":
-        dpi = c * a * q + w * (1 / mk - 2 * r[:, None] / R) + ell / 2 - xp.log(mk / m) - 1
+    if gate == "soft":                                 # d log a_k / d pi_ik (eps_k held or not)
+        dloga = 1 / mk - 2 * r[:, None] / R if scale_grad else -1 / mk
+        dpi = c * a * q + w * dloga + ell / 2 - xp.log(mk / m) - 1
         dS = pi * (dpi - xp.sum(pi * dpi, axis=1, keepdims=True)) / tau
         dW_g = Zc.T @ dS
         dZ += dS @ W_g.T
     if normalize:
         dZ = _unit_rows_backward(Zc, r, dZ)
-        dZ += dr[:, None] * Zc
-    else:
-        safe = xp.where(r > 0, r, 1)
-        dZ += (dr / safe)[:, None] * Zc
+    if scale_grad:                                     # through eps_k and the norms r_i
+        dr = 2 * (w.sum() / (m * rbar) - pi @ (w / R))     # (m,)
+        if normalize:
+            dZ += dr[:, None] * Zc
+        else:
+            safe = xp.where(r > 0, r, 1)
+            dZ += (dr / safe)[:, None] * Zc
     dL = float(dL)
     dZ *= dL
     if dW_g is not None:

@@ -119,8 +119,29 @@ def test_moe_hard_gradient(side, data, eps, normalize):
     U = rng.standard_normal((m, d)) * rng.lognormal(0.0, 1.0, (m, 1))
     assume(spaced_norms(U))  # a perturbation of 1e-6 must not change the routing
     K = data.draw(st.integers(1, m), label="experts")
-    f = lambda X: moe_coding_length(X, eps, experts=K, normalize=normalize)[0]
-    _, cache = moe_coding_length(U, eps, experts=K, normalize=normalize)
+    kw = dict(experts=K, normalize=normalize, scale_grad=True)   # the full derivative
+    f = lambda X: moe_coding_length(X, eps, **kw)[0]
+    _, cache = moe_coding_length(U, eps, **kw)
+    dZ, dW = moe_coding_length_backward(cache, -1.3)
+    assert dW is None
+    assert_grad(dZ, -1.3 * numgrad(f, U))
+
+
+@pytest.mark.parametrize("side", SIDES)
+@settings(max_examples=25)
+@given(data=st.data(), eps=eps_st, normalize=st.booleans())
+def test_moe_hard_gradient_scales_held(side, data, eps, normalize):
+    """Default scale_grad=False: the gradient is that of L at the fixed eps_k of the batch."""
+    m, d, seed = data.draw(features(side), label="shape")
+    rng = np.random.default_rng(seed)
+    U = rng.standard_normal((m, d)) * rng.lognormal(0.0, 1.0, (m, 1))
+    assume(spaced_norms(U))  # a perturbation of 1e-6 must not change the routing
+    K = data.draw(st.integers(1, m), label="experts")
+    ek = moe_eps_k(U, eps, K, normalize=normalize)
+    L, cache = moe_coding_length(U, eps, experts=K, normalize=normalize)
+    Lf = moe_coding_length(U, eps, experts=K, normalize=normalize, expert_eps=ek)[0]
+    np.testing.assert_allclose(Lf, L, rtol=1e-12)          # same value at the batch's eps_k
+    f = lambda X: moe_coding_length(X, eps, experts=K, normalize=normalize, expert_eps=ek)[0]
     dZ, dW = moe_coding_length_backward(cache, -1.3)
     assert dW is None
     assert_grad(dZ, -1.3 * numgrad(f, U))
@@ -135,11 +156,64 @@ def test_moe_soft_gradient(side, data, eps, normalize, tau):
     U = rng.standard_normal((m, d)) * rng.lognormal(0.0, 1.0, (m, 1))
     K = data.draw(st.integers(1, m), label="experts")
     W = rng.standard_normal((d, K))
-    kw = dict(experts=K, gate="soft", tau=tau, normalize=normalize)
+    kw = dict(experts=K, gate="soft", tau=tau, normalize=normalize, scale_grad=True)
     _, cache = moe_coding_length(U, eps, W_g=W, **kw)
     dZ, dW = moe_coding_length_backward(cache, 0.9)
     assert_grad(dZ, 0.9 * numgrad(lambda X: moe_coding_length(X, eps, W_g=W, **kw)[0], U))
     assert_grad(dW, 0.9 * numgrad(lambda X: moe_coding_length(U, eps, W_g=X, **kw)[0], W))
+
+
+@pytest.mark.parametrize("side", SIDES)
+@settings(max_examples=25)
+@given(data=st.data(), eps=eps_st, normalize=st.booleans(), tau=st.floats(0.3, 2.0))
+def test_moe_soft_gradient_scales_held(side, data, eps, normalize, tau):
+    """Default scale_grad=False, soft gates: the gradient is that of the reference L with
+    eps_k frozen at its value for U (pi still moves with Z and W_g)."""
+    m, d, seed = data.draw(features(side), label="shape")
+    rng = np.random.default_rng(seed)
+    U = rng.standard_normal((m, d)) * rng.lognormal(0.0, 1.0, (m, 1))
+    K = data.draw(st.integers(1, m), label="experts")
+    W = rng.standard_normal((d, K))
+    ek = moe_eps_k(U, eps, K, "soft", W, tau, normalize)
+    kw = dict(experts=K, gate="soft", tau=tau, normalize=normalize)
+    _, cache = moe_coding_length(U, eps, W_g=W, **kw)
+    dZ, dW = moe_coding_length_backward(cache, 0.9)
+    ref = lambda A, B: moe_reference(A, eps, K, "soft", B, tau, normalize, eps_k=ek)
+    assert_grad(dZ, 0.9 * numgrad(lambda X: ref(X, W), U))
+    assert_grad(dW, 0.9 * numgrad(lambda X: ref(U, X), W))
+
+
+@pytest.mark.parametrize("gate", ["norm", "soft"])
+@settings(max_examples=20)
+@given(features(max_dim=8), eps_st, st.data())
+def test_moe_scales_held_acts_on_directions(gate, shape, eps, data):
+    """scale_grad=False, normalize=True: L depends on the directions only, so dL/du_i . u_i = 0."""
+    m, d, seed = shape
+    rng = np.random.default_rng(seed)
+    U = rng.standard_normal((m, d)) * rng.lognormal(0.0, 1.0, (m, 1))
+    K = data.draw(st.integers(1, m), label="experts")
+    W = rng.standard_normal((d, K)) if gate == "soft" else None
+    dZ, _ = moe_coding_length_backward(moe_coding_length(U, eps, experts=K, gate=gate, W_g=W)[1])
+    radial = np.einsum("ij,ij->i", dZ, U)
+    np.testing.assert_allclose(radial, 0.0, atol=1e-9 * max(1.0, np.abs(dZ).max() * np.abs(U).max()))
+
+
+@pytest.mark.parametrize("gate", ["norm", "soft"])
+def test_moe_scale_grad_is_radial(gate, rng):
+    """scale_grad=True adds a radial part (through the norms): dL/du_i . u_i != 0, and it is
+    exactly the difference between the two gradients (the directional parts agree for hard
+    gates)."""
+    m, d, K = 8, 5, 2
+    U = rng.standard_normal((m, d)) * np.geomspace(0.2, 20.0, m)[:, None]
+    W = rng.standard_normal((d, K)) if gate == "soft" else None
+    kw = dict(experts=K, gate=gate, W_g=W)
+    held = moe_coding_length_backward(moe_coding_length(U, 0.7, **kw)[1])[0]
+    full = moe_coding_length_backward(moe_coding_length(U, 0.7, scale_grad=True, **kw)[1])[0]
+    assert np.abs(np.einsum("ij,ij->i", full, U)).max() > 1e-3 * np.abs(full).max()
+    if gate == "norm":
+        diff = full - held
+        np.testing.assert_allclose(diff - unit(U) * np.einsum("ij,ij->i", diff, unit(U))[:, None],
+                                   0.0, atol=1e-12 * np.abs(full).max())
 
 
 # ----------------------------------------------------------------------------- E1 identities
@@ -357,8 +431,8 @@ def test_exact_form_rejects_nonpositive_determinant(rng):
 
 
 # ----------------------------------------------------------------------------- E5 identities
-def moe_reference(U, eps, K, gate="norm", W_g=None, tau=1.0, normalize=True):
-    """L_moe by NumPy directly on the d x d side, routing written differently (E5)."""
+def moe_gates(U, K, gate, W_g, tau, normalize):
+    """Unit (or raw) rows Z, norms r and gates pi (m, K), routing written differently (E5)."""
     m, d = U.shape
     r = np.linalg.norm(U, axis=1)
     Z = U / r[:, None] if normalize else U
@@ -371,11 +445,26 @@ def moe_reference(U, eps, K, gate="norm", W_g=None, tau=1.0, normalize=True):
         S = Z @ W_g / tau
         pi = np.exp(S - S.max(axis=1, keepdims=True))
         pi /= pi.sum(axis=1, keepdims=True)
+    return Z, r, pi
+
+
+def moe_eps_k(U, eps, K, gate="norm", W_g=None, tau=1.0, normalize=True):
+    """eps_k = eps * rbar_k / rbar, (K,)."""
+    _, r, pi = moe_gates(U, K, gate, W_g, tau, normalize)
+    return eps * (pi.T @ r / pi.sum(axis=0)) / r.mean()
+
+
+def moe_reference(U, eps, K, gate="norm", W_g=None, tau=1.0, normalize=True, eps_k=None):
+    """L_moe by NumPy directly on the d x d side, routing written differently (E5); eps_k
+    (K,) given are used as constants instead of eps * rbar_k / rbar."""
+    m, d = U.shape
+    Z, r, pi = moe_gates(U, K, gate, W_g, tau, normalize)
+    if eps_k is None:
+        eps_k = moe_eps_k(U, eps, K, gate, W_g, tau, normalize)
     L = 0.0
     for k in range(K):
         mk = pi[:, k].sum()
-        eps_k = eps * (pi[:, k] @ r / mk) / r.mean()
-        a_k = d / (mk * eps_k ** 2)
+        a_k = d / (mk * eps_k[k] ** 2)
         B = np.eye(d) + a_k * Z.T @ (pi[:, k:k + 1] * Z)
         L += (mk + d) / 2 * np.linalg.slogdet(B)[1] - mk * np.log(mk / m)
     return L
@@ -401,14 +490,19 @@ def test_moe_single_expert_is_coding_length(shape, eps, normalize):
     U = np.random.default_rng(seed).standard_normal((m, d)) * 3.0
     L, cache = coding_length(U, eps, normalize=normalize)
     g = coding_length_backward(cache)
-    hard = moe_coding_length(U, eps, experts=1, normalize=normalize)
-    soft = moe_coding_length(U, eps, experts=1, gate="soft", W_g=np.ones((d, 1)), normalize=normalize)
-    assert hard[0] == L and soft[0] == L       # the same numbers, not just close
-    dZ, _ = moe_coding_length_backward(hard[1])
-    eZ, eW = moe_coding_length_backward(soft[1])
-    np.testing.assert_allclose(dZ, g, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(eZ, g, rtol=1e-10, atol=1e-12)
-    assert np.all(eW == 0)                     # one expert: the gate is constant
+    for scale_grad in (False, True):           # K = 1: eps_1 = eps, the scale term vanishes
+        hard = moe_coding_length(U, eps, experts=1, normalize=normalize, scale_grad=scale_grad)
+        soft = moe_coding_length(U, eps, experts=1, gate="soft", W_g=np.ones((d, 1)),
+                                 normalize=normalize, scale_grad=scale_grad)
+        fixed = moe_coding_length(U, eps, experts=1, normalize=normalize, expert_eps=np.array([eps]))
+        assert hard[0] == L and soft[0] == L and fixed[0] == L   # the same numbers, not just close
+        dZ, _ = moe_coding_length_backward(hard[1])
+        eZ, eW = moe_coding_length_backward(soft[1])
+        fZ, _ = moe_coding_length_backward(fixed[1])
+        np.testing.assert_allclose(dZ, g, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(eZ, g, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(fZ, g, rtol=1e-10, atol=1e-12)
+        assert np.all(eW == 0)                 # one expert: the gate is constant
 
 
 @settings(max_examples=30)
@@ -539,6 +633,24 @@ BAD = [
     (lambda: moe_coding_length(_zero, 1.0, experts=2), MecrefError, "Z has a zero row"),
     (lambda: moe_coding_length(_nan, 1.0), MecrefError, "Z must be finite"),
     (lambda: moe_coding_length(Z0, np.inf), MecrefError, "eps must be"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, scale_grad=1), TypeError,
+     "scale_grad must be True or False"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, expert_eps=np.ones(3)), MecrefError,
+     r"expert_eps must have shape \(K,\) = \(2,\), got \(3,\)"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, expert_eps=np.ones((2, 1))), MecrefError,
+     "expert_eps must be 1-dimensional"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, expert_eps=np.array([1.0, 0.0])), MecrefError,
+     r"expert_eps must be > 0, got \[1.0, 0.0\]"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, expert_eps=np.array([1.0, -2.0])), MecrefError,
+     "expert_eps must be > 0"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, expert_eps=np.array([1.0, np.nan])), MecrefError,
+     "expert_eps must be finite"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, expert_eps=np.array([1.0, 1e-200])), MecrefError,
+     "expert_eps = .* gives a_k"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, expert_eps=[1.0, 1.0]), TypeError,
+     "expert_eps must be a numpy/cupy array"),
+    (lambda: moe_coding_length(Z0, 1.0, experts=2, gate="soft", W_g=W0, expert_eps=np.ones(2)),
+     MecrefError, "expert_eps is used only with gate='norm'"),
 ]
 
 
