@@ -93,7 +93,7 @@ def code(Z, K):
     if K == 0:
         L, cache = coding_length(Z, eps, normalize=False)
         return float(L), coding_length_backward(cache)
-    L, cache = moe_coding_length(Z, eps, experts=K, normalize=False)
+    L, cache = moe_coding_length(Z, eps, experts=K, normalize=False, scale_grad=True)
     return float(L), moe_coding_length_backward(cache)[0]
 
 
@@ -290,8 +290,10 @@ for K in experts:
 # With `gate="soft"` the gates are $\pi = \mathrm{softmax}(Z W_g/\tau)$ and $W_g$ ($d \times K$)
 # has a closed-form gradient: through each expert's log-determinant, its size $m_k$ and
 # distortion $\epsilon_k$, and the routing term, back through the softmax
-# (`moe_coding_length_backward` returns it as `dW_g`). A check against central differences
-# along a random direction first:
+# (`moe_coding_length_backward` returns it as `dW_g`). This section and section 2 take the full
+# derivative, `scale_grad=True`; the library's default holds each expert's scale constant in the
+# gradient, as training does (derivations E5). A check against central differences along a
+# random direction first:
 
 # %%
 m_s, d_s, K_s = (96, 8, 4) if SMOKE else (192, 16, 4)
@@ -303,7 +305,7 @@ tau, eps_s = 0.5, 0.5
 W = 0.1 * rng.standard_normal((d_s, K_s))
 V = rng.standard_normal(W.shape)
 h = 1e-6
-_, cache = moe_coding_length(Zs, eps_s, experts=K_s, gate="soft", W_g=W, tau=tau)
+_, cache = moe_coding_length(Zs, eps_s, experts=K_s, gate="soft", W_g=W, tau=tau, scale_grad=True)
 dW = moe_coding_length_backward(cache)[1]
 plus = float(moe_coding_length(Zs, eps_s, experts=K_s, gate="soft", W_g=W + h * V, tau=tau)[0])
 minus = float(moe_coding_length(Zs, eps_s, experts=K_s, gate="soft", W_g=W - h * V, tau=tau)[0])
@@ -361,7 +363,8 @@ def matched(pi):
 history = {"L": [], "matched": [], "confidence": []}
 pi_before = gates(W)
 for _ in range(steps + 1):
-    L, cache = moe_coding_length(Zs, eps_s, experts=K_s, gate="soft", W_g=W, tau=tau)
+    L, cache = moe_coding_length(Zs, eps_s, experts=K_s, gate="soft", W_g=W, tau=tau,
+                                 scale_grad=True)
     history["L"].append(float(L))
     pi = gates(W)
     history["matched"].append(matched(pi))
