@@ -227,8 +227,8 @@ def mec_loss(torch, Z1, Z2, eps, order=None):
 
 def moe_coding_length(torch, Z, eps, experts):
     """E5 with hard routing by row norm (gate="norm"): K equal groups by the sorted norms,
-    ``eps_k = eps rbar_k / rbar`` (differentiable through the norms), each expert on its own
-    smaller side."""
+    ``eps_k = eps rbar_k / rbar`` held constant in the gradient (detached, as mecref's default
+    ``scale_grad=False``), each expert on its own smaller side."""
     m, d = Z.shape
     K = experts
     Zc, r = _unit_rows(torch, Z)
@@ -236,7 +236,7 @@ def moe_coding_length(torch, Z, eps, experts):
     bounds = [-(-k * m // K) for k in range(K + 1)]
     groups = [torch.sort(order[bounds[k]:bounds[k + 1]]).values for k in range(K)]
     mk = torch.tensor([float(len(g)) for g in groups], dtype=Z.dtype, device=Z.device)
-    R = torch.stack([r[g].sum() for g in groups])
+    R = torch.stack([r[g].sum() for g in groups]).detach()
     Rsum = R.sum()
     ratio = (R * m) / (mk * Rsum)
     a = (d / (m * eps ** 2)) * (m / mk) / ratio ** 2
