@@ -4,7 +4,18 @@ in NumPy with hand-derived gradients (and the same code on CuPy).
 Start with :func:`mecref.train_small_cnn`; the math lives in :mod:`mecref.quant` and
 :mod:`mecref.entropy`, each function a forward/backward pair derived in docs/derivations.md.
 """
-from .backend import BackendUnavailableError, MecrefError
+import os as _os
+import sys as _sys
+
+if "numpy" not in _sys.modules:
+    # OpenBLAS's idle workers spin for ~0.1 s after each BLAS call (its default timeout), on the
+    # core that mecref's element-wise threads need next: a step of the small CNN took 26 ms
+    # instead of 20. A short timeout lets them sleep at once; it only takes effect when set
+    # before NumPy loads OpenBLAS, and a value already in the environment is kept
+    # (docs/design.md, "Threads").
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from .backend import BackendUnavailableError, MecrefError  # noqa: E402
 
 __version__ = "0.1.0"
 

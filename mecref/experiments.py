@@ -27,8 +27,9 @@ Parallel runs
 -------------
 ``workers > 1`` runs cells in that many processes (``concurrent.futures.ProcessPoolExecutor``
 with the ``spawn`` start method: a fresh interpreter per worker, safe with CuPy and threads).
-Each worker's BLAS is limited to ONE thread, so ``workers`` processes share the cores instead of
-fighting over them: ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` are set
+Each worker's BLAS (and mecref's own element-wise threads, :mod:`mecref.threads`) is limited to
+ONE thread, so ``workers`` processes share the cores instead of fighting over them:
+``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``MECREF_NUM_THREADS`` are set
 to 1 in the environment the workers are spawned with (they read it before NumPy is imported),
 and, where ``threadpoolctl`` is installed, the worker also limits its pools with it. The same
 environment raises glibc's mmap/trim thresholds (``MALLOC_MMAP_THRESHOLD_``,
@@ -70,7 +71,8 @@ QUANTIZER_NAMES = {"fp32": "FP32", "ste": "STE", "dorefa_pact": "DoReFa+PACT", "
                    "lsqplus": "LSQ+"}
 MAIN_BITS = ((4, 4), (3, 3), (2, 2), (2, 4))  # (weight bits, activation bits)
 _KEY_DIGITS = 16
-_WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "MECREF_NUM_THREADS": "1"}
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 

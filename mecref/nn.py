@@ -37,6 +37,7 @@ import numpy as np
 
 from . import quant
 from .backend import MecrefError, array_module, get_xp, to_host
+from .threads import over_channels
 from .validate import check_array, check_choice, check_int
 
 __all__ = [
@@ -108,19 +109,25 @@ def im2col(x, k, stride, padding, out=None, xpad=None):
     xp = array_module(x)
     N, C, H, W = x.shape
     xc = _cm(x)                                                    # (C, N, H, W)
-    if padding:
-        if xpad is None:
-            xpad = xp.zeros((C, N, H + 2 * padding, W + 2 * padding), dtype=x.dtype)
-        xpad[:, :, padding:padding + H, padding:padding + W] = xc
-        xc = xpad
-    Hp, Wp = xc.shape[2:]
+    if padding and xpad is None:
+        xpad = xp.zeros((C, N, H + 2 * padding, W + 2 * padding), dtype=x.dtype)
+    Hp, Wp = H + 2 * padding, W + 2 * padding
     Ho, Wo = (Hp - k) // stride + 1, (Wp - k) // stride + 1
     if out is None:
         out = xp.empty((C * k * k, N * Ho * Wo), dtype=x.dtype)
-    sC, sN, sH, sW = xc.strides
-    windows = xp.lib.stride_tricks.as_strided(
-        xc, shape=(C, k, k, N, Ho, Wo), strides=(sC, sH, sW, sN, stride * sH, stride * sW))
-    out.reshape(C, k, k, N, Ho, Wo)[...] = windows
+    out6 = out.reshape(C, k, k, N, Ho, Wo)
+
+    def copy_windows(c):                                           # channels c: independent
+        if padding:
+            xpad[c, :, padding:padding + H, padding:padding + W] = xc[c]
+        src = xpad if padding else xc
+        sC, sN, sH, sW = src.strides
+        windows = xp.lib.stride_tricks.as_strided(
+            src[c], shape=(c.stop - c.start, k, k, N, Ho, Wo),
+            strides=(sC, sH, sW, sN, stride * sH, stride * sW))
+        out6[c] = windows
+
+    over_channels(copy_windows, C, out.size, xp)
     return out.reshape(C * k * k, N, Ho * Wo).swapaxes(0, 1)
 
 
@@ -159,16 +166,22 @@ def col2im(dcols, x_shape, k, stride, padding, dxpad=None, rows=None):
         rows = xp.empty((C, N, Hp, Wo), dtype=dcols.dtype)
     slabs = dcols.swapaxes(0, 1).reshape(k, k, C, N, Ho, Wo)       # slabs[i, j]: (C, N, Ho, Wo)
     span_h, span_w = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1   # rows/columns a slab reaches
-    dxpad.fill(0)
-    for j in range(k):
-        if stride > 1:
-            rows.fill(0)
-        rows[:, :, span_h:] = 0
-        rows[:, :, 0:span_h:stride] = slabs[0, j]                    # i = 0 assigns, i > 0 adds
-        for i in range(1, k):
-            rows[:, :, i:i + span_h:stride] += slabs[i, j]
-        dxpad[:, :, :, j:j + span_w:stride] += rows
-    return _cm(dxpad[:, :, padding:padding + H, padding:padding + W].copy())
+    dx = xp.empty((C, N, H, W), dtype=dcols.dtype)                  # channel-major
+
+    def fold(c):                                                   # channels c: independent
+        dxpad[c] = 0
+        for j in range(k):
+            if stride > 1:
+                rows[c] = 0
+            rows[c, :, span_h:] = 0
+            rows[c, :, 0:span_h:stride] = slabs[0, j, c]             # i = 0 assigns, i > 0 adds
+            for i in range(1, k):
+                rows[c, :, i:i + span_h:stride] += slabs[i, j, c]
+            dxpad[c, :, :, j:j + span_w:stride] += rows[c]
+        dx[c] = dxpad[c, :, padding:padding + H, padding:padding + W]
+
+    over_channels(fold, C, dcols.size, xp)
+    return _cm(dx)
 
 
 # ============================================================================ base layer
@@ -451,27 +464,37 @@ class MaxPool2d(Layer):
         N, C, H, W = x.shape
         Ho, Wo = H // 2, W // 2
         x6 = _cm(x)[:, :, :2 * Ho, :2 * Wo].reshape(C, N, Ho, 2, Wo, 2)  # (.., row a, .., col b)
-        left, right = x6[..., 0], x6[..., 1]                         # (C, N, Ho, 2, Wo)
-        rows = xp.maximum(left, right, out=self._buffer(xp, "rows", left.shape, x.dtype))  # row maxima
-        top, bottom = rows[:, :, :, 0], rows[:, :, :, 1]             # (C, N, Ho, Wo)
-        y = xp.maximum(top, bottom)
-        if self.relu:
-            xp.maximum(y, 0, out=y)
+        y = xp.empty((C, N, Ho, Wo), dtype=x.dtype)                  # channel-major
+        shape5 = (C, N, Ho, 2, Wo)
         if train:
+            mask_left = self._buffer(xp, "left", shape5, np.bool_)
+            mask_right = self._buffer(xp, "right", shape5, np.bool_)
+            self._cache = (mask_left, mask_right, x.shape, (N, C, Ho, Wo))
+        rows_max = self._buffer(xp, "rows", shape5, x.dtype)
+
+        def pool(c):                                                 # channels c: independent
+            left, right = x6[c, ..., 0], x6[c, ..., 1]               # (c, N, Ho, 2, Wo)
+            rows = xp.maximum(left, right, out=rows_max[c])          # row maxima
+            top, bottom = rows[:, :, :, 0], rows[:, :, :, 1]         # (c, N, Ho, Wo)
+            xp.maximum(top, bottom, out=y[c])
+            if self.relu:
+                xp.maximum(y[c], 0, out=y[c])
+            if not train:
+                return
             bottom_wins = bottom > top                               # ties: top row
             top_wins = ~bottom_wins
             if self.relu:
-                live = y > 0                                         # max <= 0: no gradient
+                live = y[c] > 0                                      # max <= 0: no gradient
                 bottom_wins &= live
                 top_wins &= live
-            row_wins = self._buffer(xp, "left", rows.shape, np.bool_)
+            row_wins = mask_left[c]
             row_wins[:, :, :, 0] = top_wins
             row_wins[:, :, :, 1] = bottom_wins
-            mask_right = xp.greater(right, left, out=self._buffer(xp, "right", rows.shape, np.bool_))
-            mask_right &= row_wins                                   # ties: left column
-            mask_left = row_wins
-            mask_left ^= mask_right                                  # row_wins & ~right_wins
-            self._cache = (mask_left, mask_right, x.shape, (N, C, Ho, Wo))
+            right_wins = xp.greater(right, left, out=mask_right[c])
+            right_wins &= row_wins                                   # ties: left column
+            row_wins ^= right_wins                                   # left: row_wins & ~right_wins
+
+        over_channels(pool, C, x.size, xp)
         return _cm(y)
 
     def backward(self, dy):
@@ -481,8 +504,12 @@ class MaxPool2d(Layer):
         N, C, Ho, Wo = y_shape
         dx6 = xp.empty((C, N, Ho, 2, Wo, 2), dtype=dy.dtype)         # channel-major
         dy5 = _cm(dy)[:, :, :, None, :]
-        xp.multiply(mask_left, dy5, out=dx6[..., 0])
-        xp.multiply(mask_right, dy5, out=dx6[..., 1])
+
+        def route(c):                                                # channels c: independent
+            xp.multiply(mask_left[c], dy5[c], out=dx6[c, ..., 0])
+            xp.multiply(mask_right[c], dy5[c], out=dx6[c, ..., 1])
+
+        over_channels(route, C, dx6.size, xp)
         if x_shape[2:] == (2 * Ho, 2 * Wo):
             return _cm(dx6.reshape(C, N, 2 * Ho, 2 * Wo))
         dx = xp.zeros((C, N) + tuple(x_shape[2:]), dtype=dy.dtype)
@@ -542,12 +569,20 @@ class BatchNorm2d(Layer):
         if M < 2:
             raise MecrefError(f"BatchNorm2d in train mode needs more than one value per channel, "
                               f"got x of shape {tuple(x.shape)}")
-        mu = xp.einsum("cm->c", x2) / M
-        xc = xp.subtract(x2, mu[:, None], out=self._buffer(xp, "xc", x2.shape, x.dtype))  # x - mu
-        var = xp.einsum("cm,cm->c", xc, xc) / M
-        t = 1.0 / xp.sqrt(var + self.eps)                        # (sigma^2 + eps)^(-1/2)
-        y = xc * (gamma * t)[:, None]                            # gamma xhat + beta
-        y += beta[:, None]
+        mu, var = xp.empty(C, dtype=x.dtype), xp.empty(C, dtype=x.dtype)
+        xc = self._buffer(xp, "xc", x2.shape, x.dtype)              # x - mu
+        t = xp.empty(C, dtype=x.dtype)                             # (sigma^2 + eps)^(-1/2)
+        y = xp.empty_like(xc)
+
+        def normalize(c):                                          # channels c: independent
+            mu[c] = xp.einsum("cm->c", x2[c]) / M
+            xp.subtract(x2[c], mu[c, None], out=xc[c])
+            var[c] = xp.einsum("cm,cm->c", xc[c], xc[c]) / M
+            t[c] = 1.0 / xp.sqrt(var[c] + self.eps)
+            xp.multiply(xc[c], (gamma[c] * t[c])[:, None], out=y[c])   # gamma xhat + beta
+            y[c] += beta[c, None]
+
+        over_channels(normalize, C, x2.size, xp)
         r = self.momentum
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
         rm *= 1 - r
@@ -564,14 +599,21 @@ class BatchNorm2d(Layer):
         N, C, H, W = x_shape
         M = N * H * W
         dy2 = _cm(dy).reshape(C, M)
-        dbeta = xp.einsum("cm->c", dy2)
-        dgamma = xp.einsum("cm,cm->c", dy2, xc) * t            # sum dy xhat, xhat = xc t
-        self.grads["beta"], self.grads["gamma"] = dbeta, dgamma
-        # dx = gamma t / M (M dy - dbeta - xhat dgamma) = a dy - a dbeta / M - xc (a t dgamma / M)
+        dbeta, dgamma = xp.empty_like(t), xp.empty_like(t)
         a = self.params["gamma"] * t
-        dx = dy2 * a[:, None]
-        dx -= xp.multiply(xc, (a * t * dgamma / M)[:, None], out=self._buffer(xp, "tmp", xc.shape, xc.dtype))
-        dx -= (a * dbeta / M)[:, None]
+        dx = xp.empty_like(xc)
+        tmp = self._buffer(xp, "tmp", xc.shape, xc.dtype)
+
+        def backward(c):                                           # channels c: independent
+            dbeta[c] = xp.einsum("cm->c", dy2[c])
+            dgamma[c] = xp.einsum("cm,cm->c", dy2[c], xc[c]) * t[c]  # sum dy xhat, xhat = xc t
+            # dx = gamma t / M (M dy - dbeta - xhat dgamma) = a dy - a dbeta / M - xc (a t dgamma / M)
+            xp.multiply(dy2[c], a[c, None], out=dx[c])
+            dx[c] -= xp.multiply(xc[c], (a[c] * t[c] * dgamma[c] / M)[:, None], out=tmp[c])
+            dx[c] -= (a[c] * dbeta[c] / M)[:, None]
+
+        over_channels(backward, C, xc.size, xp)
+        self.grads["beta"], self.grads["gamma"] = dbeta, dgamma
         return _cm(dx.reshape(C, N, H, W))
 
 
