@@ -286,6 +286,32 @@ def _step_md(rec):
               "libraries sum the convolutions in different orders, so a tie can break differently "
               "by the last bit and send a few gradient entries elsewhere: hence the W4A4 "
               "worst case while the losses agree."]
+    abs_ = [(v["label"], v["threads_ab"]) for v in rec["variants"].values() if "threads_ab" in v]
+    if abs_:
+        L += ["", "mecref's element-wise passes (im2col, col2im, max pool, BatchNorm) run on "
+              "`mecref.threads`' thread pool, split over channels (docs/design.md, *Threads*). The "
+              "same step with them on one thread, interleaved A/B in this run (the GEMMs keep "
+              "OpenBLAS's threads in both): " + "; ".join(
+                  f"{lab}: {_ms(ab['one'])} ms on 1 thread, {_ms(ab['all'])} ms on {ab['threads']} "
+                  f"(1-thread / {ab['threads']}-thread time {_x(ab['ratio'])})" for lab, ab in abs_) + "."]
+    layered = [v for v in rec["variants"].values() if "layers" in v]
+    if layered:
+        names = [r["layer"] for r in layered[0]["layers"]]
+        head = ["layer"] + [f"{v['label']} {part} ms" for v in layered for part in ("forward", "backward")]
+        rows = []
+        for i, name in enumerate(names):
+            row = [name]
+            for v in layered:
+                r = v["layers"][i]
+                row += [f"{r['forward']['median_ms']:.2f}", f"{r['backward']['median_ms']:.2f}"]
+            rows.append(row)
+        rows.append(["sum"] + [f"{sum(r[part]['median_ms'] for r in v['layers']):.2f}"
+                               for v in layered for part in ("forward", "backward")])
+        L += ["", "Where a mecref step spends its time, layer by layer (medians of each layer's "
+              "train-mode forward, and of its backward right after it, on the activations and "
+              "gradients of a real step; conv1's backward computes no input gradient, except the "
+              "quantized conv1's, whose input step needs it):", "",
+              _md_table(head, rows)]
     L += _blas_timeout_md(rec.get("blas_timeout_default"))
     return L + ["", _cmd(rec), ""]
 

@@ -9,6 +9,8 @@ compared before any timing (``check``).
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from . import common
@@ -113,6 +115,59 @@ def check(torch, variant, n, seed=1):
                 grad_rel_diff_worst=rel[worst], grad_rel_diff_worst_param=worst)
 
 
+def layer_times(model, x, y, reps):
+    """Median time of each mecref layer's train-mode forward and backward inside a step, on
+    the activations and gradients of one real step (each backward timed right after an untimed
+    forward of that layer, which sets its cache)."""
+    from mecref import losses
+
+    acts, h = [], x
+    for layer in model.layers:
+        acts.append(h)
+        h = layer.forward(h, train=True)
+    _, cache = losses.softmax_cross_entropy(h, y)
+    douts, d = [None] * len(model.layers), losses.softmax_cross_entropy_backward(cache, 1.0)
+    for i in reversed(range(len(model.layers))):
+        douts[i] = d
+        model.layers[i].forward(acts[i], train=True)
+        d = model.layers[i].backward(d)
+        if d is None:
+            break
+    rows = []
+    for name, layer, a, g in zip(model.names, model.layers, acts, douts):
+        fwd, bwd = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            layer.forward(a, train=True)
+            t1 = time.perf_counter()
+            layer.backward(g)
+            t2 = time.perf_counter()
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+        rows.append(dict(layer=name, kind=type(layer).__name__, forward=common.stats(fwd),
+                         backward=common.stats(bwd)))
+    return rows
+
+
+def threads_ab(step, reps, warmup, lead):
+    """The mecref step with its element-wise passes on one thread against all of
+    mecref.threads' threads (interleaved A/B in this process); the GEMMs keep their BLAS threads."""
+    from mecref import threads
+
+    n = threads.num_threads()
+
+    def one_thread():
+        old = threads.set_num_threads(1)
+        try:
+            step()
+        finally:
+            threads.set_num_threads(old)
+
+    times = common.interleave({"one": one_thread, "all": step}, reps, warmup=warmup, lead=lead)
+    return dict(threads=n, one=common.stats(times["one"]), all=common.stats(times["all"]),
+                ratio=common.paired_ratio(times["one"], times["all"]))
+
+
 def run(torch, quick=False, lead=0.001, log=print):
     """Time every variant; returns the JSON-ready record."""
     missing = common.mecref_missing("nn", "losses", "optim")
@@ -148,6 +203,8 @@ def run(torch, quick=False, lead=0.001, log=print):
             rows.append(dict(variant=spec["label"], part=part, mecref=r["mecref"]["median_ms"],
                              torch=r.get("torch", {}).get("median_ms"), ratio=r.get("ratio")))
         rec["profile"] = common.profile(m_step, 3 if quick else 30)
+        rec["layers"] = layer_times(model, x, y, 3 if quick else 30)
+        rec["threads_ab"] = threads_ab(m_step, reps // 2 if not quick else reps, warmup, lead)
         out["variants"][variant] = rec
     log(common.table(rows, [("variant", "variant", "s"), ("part", "part", "s"),
                             ("mecref ms", "mecref", ".2f"), ("torch ms", "torch", ".2f"),
@@ -159,6 +216,11 @@ def run(torch, quick=False, lead=0.001, log=print):
             log(f"  {rec['label']} check (float64): loss {c['loss_mecref']:.10f} (mecref) vs {c['loss_torch']:.10f} "
                 f"(torch); gradient rel. diff median {c['grad_rel_diff_median']:.1e}, worst "
                 f"{c['grad_rel_diff_worst']:.1e} ({c['grad_rel_diff_worst_param']})")
+        ab = rec["threads_ab"]
+        log(f"  {rec['label']} step, element-wise passes on 1 thread: {ab['one']['median_ms']:.2f} ms, on "
+            f"{ab['threads']}: {ab['all']['median_ms']:.2f} ms (1-thread / {ab['threads']}-thread {ab['ratio']:.2f})")
+        log(f"  {rec['label']} per layer (forward, backward ms): " + ", ".join(
+            f"{r['layer']} {r['forward']['median_ms']:.2f}/{r['backward']['median_ms']:.2f}" for r in rec["layers"]))
         log(f"  cProfile of the mecref {rec['label']} step, top {len(rec['profile']['top'])} by own time:")
         log("    " + common.profile_text(rec["profile"], "step").replace("\n", "\n    "))
     if torch is not None:

@@ -64,16 +64,19 @@ def set_num_threads(n: int) -> int:
     with _lock:
         old = num_threads()
         _state["n"] = n
-        if _state["pool"] is not None and _state["pool"]._max_workers != n - 1:
-            _state["pool"].shutdown(wait=True)
-            _state["pool"] = None
     return old
 
 
 def _pool(n):
+    """A pool with at least n - 1 workers (the calling thread is the n-th); a smaller one is
+    replaced, a larger one kept (idle workers cost nothing)."""
     with _lock:
-        if _state["pool"] is None:
+        pool, size = _state["pool"], _state.get("size", 0)
+        if pool is None or size < n - 1:
+            if pool is not None:
+                pool.shutdown(wait=True)
             _state["pool"] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="mecref")
+            _state["size"] = n - 1
         return _state["pool"]
 
 
