@@ -449,11 +449,53 @@ def _gpu_md(rec):
     return L + ["", _cmd(rec), ""]
 
 
+def _step_gap_md(res, missed):
+    """For each missed step target: the budget the target leaves once the GEMMs are paid, from
+    this run's own figures (the GEMM replay of section 4 and the per-layer times of section 1)."""
+    thr = {k: t for k, _, _, t in TARGETS}
+    L = []
+    for t in missed:
+        variant = {"step_fp32": "fp32", "step_w4a4": "w4a4_lsq"}.get(t["key"])
+        g = _get(res, "gemm", "variants", variant) if variant else None
+        v = _get(res, "step", "variants", variant) if variant else None
+        if not g or not v or "torch" not in v["step"] or "replay_ms" not in g:
+            continue
+        torch_ms, mec_ms, gemm_ms = v["step"]["torch"]["median_ms"], v["step"]["mecref"]["median_ms"], g["replay_ms"]
+        budget = thr[t["key"]] * torch_ms
+        rest, allowed = mec_ms - gemm_ms, budget - gemm_ms
+        line = (f"**{v['label']} step.** The target allows {budget:.1f} ms ({thr[t['key']]} x torch's "
+                f"{torch_ms:.1f} ms). The step's GEMMs alone, replayed as plain NumPy matmuls (section 4), "
+                f"take {gemm_ms:.1f} ms, {gemm_ms / torch_ms:.0%} of torch's whole step; that leaves "
+                f"{allowed:.1f} ms for everything else, where mecref spends {rest:.1f} ms (im2col and col2im "
+                f"copies, max pool, BatchNorm, quantizers, the optimiser, Python): {rest - allowed:.1f} ms "
+                "too many.")
+        layers = v.get("layers")
+        if layers:
+            conv = sum(r["forward"]["median_ms"] + r["backward"]["median_ms"] for r in layers
+                       if r["layer"].startswith("conv"))
+            other = sum(r["forward"]["median_ms"] + r["backward"]["median_ms"] for r in layers
+                        if not r["layer"].startswith("conv"))
+            line += (f" Per layer (section 1), the convolutions take {conv:.1f} ms (GEMMs, im2col, col2im"
+                     f"{', their quantizers' if variant != 'fp32' else ''}) and the other layers {other:.1f} ms.")
+        L += [line, ""]
+    if L:
+        L = ["What would close the gap: torch runs each convolution as one oneDNN kernel "
+             "(`aten::mkldnn_convolution` in torch's profiler) that reads the image directly, so it pays neither the im2col/col2im copies nor the "
+             "separate element-wise passes over memory; NumPy can only call a GEMM on materialised "
+             "columns and run one pass per ufunc. What is left to try in NumPy is to do less of that "
+             "work: fold the activation quantizer's passes into the max pool that precedes it, "
+             "and keep each pass's block in cache by splitting over images as well as channels. "
+             "A compiled kernel (im2col fused into the GEMM) would close it, at the cost of the "
+             "library's plain-NumPy rule.", ""] + L
+    return L
+
+
 def _profiles_md(res, missed):
     L = ["## Where the time goes", ""]
     keys = {t["key"] for t in missed}
     L.append("Missed targets: " + (", ".join(t["target"] for t in missed) if missed else "none") + ".")
     L.append("")
+    L += _step_gap_md(res, missed)
     step = res.get("step") or {}
     for v in step.get("variants", {}).values():
         if "profile" in v:
