@@ -67,6 +67,18 @@ def set_num_threads(n: int) -> int:
     return old
 
 
+def _forget_pool_in_child():
+    """A forked child has none of the parent's pool threads: start a fresh pool on first use
+    (the old one would queue blocks that no thread ever runs)."""
+    global _lock
+    _lock = threading.Lock()
+    _state["pool"], _state["size"] = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _pool(n):
     """A pool with at least n - 1 workers (the calling thread is the n-th); a smaller one is
     replaced, a larger one kept (idle workers cost nothing)."""

@@ -168,3 +168,33 @@ def test_step_matches_the_outputs_recorded_before_optimisation(variant, n_thread
     assert set(keys) == set(now)
     for k in keys:
         np.testing.assert_allclose(now[k], golden[f"{variant}/{k}"], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_working_pool(split_always):
+    """The parent's pool threads do not exist in a forked child; the child must not wait on them."""
+    import signal
+    import time
+    threads.set_num_threads(2)          # one pool worker: it is idle, so a submit would not start another
+    threads.over_channels(lambda c: None, 6, 10 ** 9)          # the parent's pool exists now
+    time.sleep(0.05)
+    pid = os.fork()
+    if pid == 0:                                                # child
+        code = 2
+        try:
+            out = np.zeros(6)
+            threads.over_channels(lambda c: out.__setitem__(c, 1.0), 6, 10 ** 9)
+            code = 0 if out.sum() == 6 else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in over_channels")
+        time.sleep(0.01)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
