@@ -466,9 +466,11 @@ def _step_gap_md(res, missed):
         line = (f"**{v['label']} step.** The target allows {budget:.1f} ms ({thr[t['key']]} x torch's "
                 f"{torch_ms:.1f} ms). The step's GEMMs alone, replayed as plain NumPy matmuls (section 4), "
                 f"take {gemm_ms:.1f} ms, {gemm_ms / torch_ms:.0%} of torch's whole step; that leaves "
-                f"{allowed:.1f} ms for everything else, where mecref spends {rest:.1f} ms (im2col and col2im "
-                f"copies, max pool, BatchNorm, quantizers, the optimiser, Python): {rest - allowed:.1f} ms "
-                "too many.")
+                f"{allowed:.1f} ms for everything else, where mecref spends {rest:.1f} ms: im2col and col2im "
+                f"copies, max pool, BatchNorm, quantizers, the optimiser, Python, and the GEMMs' own "
+                f"slowdown inside the step (their large operands come from memory, not cache, and the "
+                f"weight-gradient GEMMs, with a long inner dimension and a small output, are bound by "
+                f"memory bandwidth): {rest - allowed:.1f} ms too many.")
         layers = v.get("layers")
         if layers:
             conv = sum(r["forward"]["median_ms"] + r["backward"]["median_ms"] for r in layers
