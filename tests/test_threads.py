@@ -10,6 +10,7 @@ import pytest
 from mecref import nn, threads
 from mecref.backend import MecrefError
 from mecref.losses import softmax_cross_entropy, softmax_cross_entropy_backward
+from test_nn import check_layer  # float64 central differences of dx and every param grad
 
 GOLDEN = Path(__file__).parent / "data" / "golden_step.npz"
 
@@ -109,20 +110,6 @@ def test_split_step_is_bitwise_the_one_thread_step(quantizer, monkeypatch):
         np.testing.assert_array_equal(g1[k], g3[k], err_msg=k)
 
 
-def _num_grad(f, a, h=1e-6):
-    g = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        fp = f()
-        flat[i] = old - h
-        fm = f()
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * h)
-    return g
-
-
 @pytest.mark.parametrize("layer_factory, shape", [
     (lambda: nn.Conv2d(5, 3, 3, 1, 1, seed=2), (2, 5, 6, 6)),
     (lambda: nn.Conv2d(4, 3, 3, 2, 1, seed=2), (2, 4, 7, 7)),
@@ -130,21 +117,7 @@ def _num_grad(f, a, h=1e-6):
     (lambda: nn.BatchNorm2d(5), (3, 5, 4, 4)),
 ])
 def test_split_layers_match_finite_differences(layer_factory, shape, split_always):
-    rng = np.random.default_rng(4)
-    layer = layer_factory().astype(np.float64)
-    x = rng.standard_normal(shape)
-    y = layer.forward(x, train=True)
-    R = rng.standard_normal(y.shape)
-
-    def loss():
-        return float(np.sum(R * layer.forward(x, train=True)))
-
-    layer.forward(x, train=True)
-    dx = layer.backward(R)
-    grads = {k: v.copy() for k, v in layer.grads.items()}
-    np.testing.assert_allclose(dx, _num_grad(loss, x), rtol=1e-6, atol=1e-8)
-    for k, p in layer.params.items():
-        np.testing.assert_allclose(grads[k], _num_grad(loss, p), rtol=1e-6, atol=1e-8, err_msg=k)
+    check_layer(layer_factory().astype(np.float64), np.random.default_rng(4).standard_normal(shape))
 
 
 @pytest.mark.parametrize("variant", ["fp32", "w4a4_lsq"])
