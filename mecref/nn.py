@@ -116,16 +116,15 @@ def im2col(x, k, stride, padding, out=None, xpad=None):
     if out is None:
         out = xp.empty((C * k * k, N * Ho * Wo), dtype=x.dtype)
     out6 = out.reshape(C, k, k, N, Ho, Wo)
+    src = xpad if padding else xc
+    sC, sN, sH, sW = src.strides
 
     def copy_windows(c):                                           # channels c: independent
         if padding:
             xpad[c, :, padding:padding + H, padding:padding + W] = xc[c]
-        src = xpad if padding else xc
-        sC, sN, sH, sW = src.strides
-        windows = xp.lib.stride_tricks.as_strided(
+        out6[c] = xp.lib.stride_tricks.as_strided(
             src[c], shape=(c.stop - c.start, k, k, N, Ho, Wo),
             strides=(sC, sH, sW, sN, stride * sH, stride * sW))
-        out6[c] = windows
 
     over_channels(copy_windows, C, out.size, xp)
     return out.reshape(C * k * k, N, Ho * Wo).swapaxes(0, 1)

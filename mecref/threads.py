@@ -30,7 +30,7 @@ __all__ = ["num_threads", "set_num_threads", "over_channels", "MIN_ELEMENTS"]
 
 MIN_ELEMENTS = 1 << 17          # below ~0.5 MB of float32 one thread is as fast
 
-_state = {"n": None, "pool": None}
+_state = {"n": None, "pool": None, "size": 0}    # size: the pool's workers
 _lock = threading.Lock()
 
 
@@ -40,7 +40,7 @@ def _default_threads():
         try:
             n = int(env)
         except ValueError:
-            raise MecrefError(f"MECREF_NUM_THREADS must be a positive integer, got {env!r}") from None
+            n = 0
         if n < 1:
             raise MecrefError(f"MECREF_NUM_THREADS must be a positive integer, got {env!r}")
         return n
@@ -83,7 +83,7 @@ def _pool(n):
     """A pool with at least n - 1 workers (the calling thread is the n-th); a smaller one is
     replaced, a larger one kept (idle workers cost nothing)."""
     with _lock:
-        pool, size = _state["pool"], _state.get("size", 0)
+        pool, size = _state["pool"], _state["size"]
         if pool is None or size < n - 1:
             if pool is not None:
                 pool.shutdown(wait=True)
