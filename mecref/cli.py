@@ -18,7 +18,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train(sub):
-    from .train import QUANTIZERS, TrainConfig
+    from . import regularizers
+    from .train import PLACEMENTS, QUANTIZERS, TrainConfig
     d = TrainConfig()
     p = sub.add_parser("train", help="train the small CNN with QAT and an entropy regulariser",
                        description="Train the small CNN on the bundled Fashion-MNIST subset (or a "
@@ -32,10 +33,14 @@ def _add_train(sub):
     p.add_argument("--a-bits", type=int, default=d.a_bits, help="activation bits of the inner layers, 1..8 (default: %(default)s)")
     p.add_argument("--first-last-bits", type=int, default=d.first_last_bits,
                    help="bits of the first conv and the last linear layer, 1..8 or 32 (default: %(default)s)")
-    p.add_argument("--reg", choices=["none", "mec", "mec_taylor", "moe"], default=d.reg or "none",
-                   help="entropy regulariser on the penultimate features of two views: none, mec "
-                        "(exact log det), mec_taylor (order-n series), moe (mixture-of-experts "
-                        "coding length) (default: %(default)s)")
+    p.add_argument("--reg", choices=["none", *regularizers.names()], default=d.reg or "none",
+                   help="entropy regulariser on the penultimate features of two views: none; "
+                        + "; ".join(f"{r.name}: {r.help}" for r in regularizers.REGISTRY.values())
+                        + " (default: %(default)s)")
+    p.add_argument("--reg-at", choices=PLACEMENTS, default=d.reg_at,
+                   help="where the regulariser acts: features (the penultimate features), or "
+                        "blocks (also the pooled outputs of the two inner conv blocks, at the "
+                        "same strength d/eps^2) (default: %(default)s)")
     p.add_argument("--reg-weight", type=float, default=d.reg_weight, help="beta, the regulariser's weight (default: %(default)s)")
     p.add_argument("--eps", type=float, default=d.eps, help="distortion epsilon of the coding length, not squared (default: %(default)s)")
     p.add_argument("--order", type=int, default=d.order, help="Taylor order for --reg mec_taylor (default: %(default)s)")
@@ -55,6 +60,11 @@ def _add_train(sub):
     p.add_argument("--seed", type=int, default=d.seed, help="random seed: the same seed gives the same run (default: %(default)s)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=d.backend, help="numpy (CPU) or cupy (GPU) (default: %(default)s)")
     p.add_argument("--init-from", default=None, help="FP32 checkpoint to start quantization-aware training from")
+    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
+                   help="first train FP32 for this many epochs, then start from it (the standard "
+                        "QAT protocol; 0: from scratch) (default: %(default)s)")
+    p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr,
+                   help="peak learning rate of that FP32 pretraining (default: %(default)s)")
     p.add_argument("--checkpoint-dir", default=None, help="write last.npz (+ .json) here after every epoch")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -71,6 +81,7 @@ def _run_train(args):
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, dataset=args.dataset,
         data_dir=args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
         seed=args.seed, backend=args.backend, init_from=args.init_from,
+        pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr, reg_at=args.reg_at,
         progress=not args.quiet, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     print(result.summary())
     c = result.config
@@ -109,11 +120,17 @@ def _add_grid_common(p, seeds):
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images (quick runs)")
     p.add_argument("--width", type=int, nargs=3, default=None, metavar=("C1", "C2", "C3"),
                    help="channels of the three conv layers (default: TrainConfig's)")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="standard QAT protocol: every cell starts from an FP32 run of this many "
+                        "epochs, one per seed, cached and shared (default: 0, from scratch)")
+    p.add_argument("--pretrain-lr", type=float, default=None,
+                   help="peak learning rate of that FP32 pretraining (default: TrainConfig's)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _grid_common(args) -> dict:
-    names = ("dataset", "data_dir", "backend", "batch_size", "lr", "train_limit", "width")
+    names = ("dataset", "data_dir", "backend", "batch_size", "lr", "train_limit", "width",
+             "pretrain_epochs", "pretrain_lr")
     common = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if "width" in common:
         common["width"] = tuple(common["width"])
@@ -141,7 +158,8 @@ def _add_settings(p):
     p.add_argument("--from-sweep", default=None, metavar="DIR",
                    help="use the MEC-Quant settings with the best validation accuracy in this sweep folder")
     p.add_argument("--settings", type=_json_dict, default=None, metavar="JSON",
-                   help='MEC-Quant settings per form, e.g. \'{"mec": {"reg_weight": 1.0, "eps": 0.25}}\' '
+                   help='MEC-Quant settings per form (label or regulariser name), e.g. '
+                        '\'{"mec": {"reg_weight": 1.0, "eps": 4}, "MOE K=2": {"eps": 8}}\' '
                         "(default: mecref.experiments.default_settings)")
 
 
@@ -171,35 +189,39 @@ def _run_table(args):
 
 
 def _add_sweep(sub):
-    p = sub.add_parser("sweep", help="sweep MEC-Quant's beta, eps, Taylor order and experts at W2A2 (validation split)",
-                       description="Train LSQ + MEC at W2A2 over a grid of reg weights and eps "
-                       "(exact form), orders (Taylor form) and experts (MOE form) on a training "
-                       "split, judge each on a validation split held out of the training set, "
-                       "write results.csv/json and sweep.png, and name the best setting per form.")
+    from .experiments import BETA_GRID, EPS_GRID
+    p = sub.add_parser("sweep", help="sweep MEC-Quant's strength (beta x eps) for every form at W2A2 (validation split)",
+                       description="Train LSQ + MEC at W2A2 for every form (exact, Taylor at each "
+                       "--orders, MOE at each --experts) over ONE grid of reg weights x eps on a "
+                       "training split, judge each on a validation split held out of the "
+                       "training set, write results.csv/json, sweep.png (accuracy against eps, "
+                       "a line per form, a panel per beta) and best_settings.json.")
     _add_grid_common(p, seeds=[0])
     p.add_argument("--val-size", type=int, default=2000, help="training images held out for validation (default: %(default)s)")
-    p.add_argument("--reg-weights", type=float, nargs="+", default=[0.1, 0.5, 2.0], help="betas, every form (default: %(default)s)")
-    p.add_argument("--eps-values", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="eps values of the exact and MOE forms (default: %(default)s)")
-    p.add_argument("--taylor-eps-values", type=float, nargs="+", default=None,
-                   help="eps values of the Taylor form (default: 4 8 16 for d=64; the series needs eps > sqrt(d) to converge for any features)")
-    p.add_argument("--orders", type=int, nargs="+", default=[2, 4, 8], help="Taylor orders (default: %(default)s)")
-    p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="MOE expert counts (default: %(default)s)")
-    p.add_argument("--bits", type=_bits_pair, default=(2, 2), help="bit-width, e.g. W2A2 (default: W2A2)")
+    p.add_argument("--reg-weights", type=float, nargs="+", default=list(BETA_GRID), help="betas, every form (default: %(default)s)")
+    p.add_argument("--eps-values", type=float, nargs="+", default=list(EPS_GRID),
+                   help="eps values, every form (the Taylor form only where its series converges, "
+                        "eps >= sqrt(d)) (default: %(default)s)")
+    p.add_argument("--orders", type=int, nargs="+", default=[4], help="Taylor orders, a form each (default: %(default)s)")
+    p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="MOE expert counts, a form each (default: %(default)s)")
+    p.add_argument("--bits", type=_bits_pair, default=(2, 2), help="bit-width, e.g. W2A4 (default: W2A2)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and which are cached; train nothing")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args):
     from .experiments import run_table
+    forms = ([{"reg": "mec"}] + [{"reg": "mec_taylor", "order": n} for n in args.orders]
+             + [{"reg": "moe", "experts": k} for k in args.experts])
     print(run_table("sweep", args.seeds, args.out, workers=args.workers, progress=not args.quiet,
                     dry_run=args.dry_run, epochs=args.epochs, reg_weights=args.reg_weights,
-                    eps_values=args.eps_values, taylor_eps_values=args.taylor_eps_values,
-                    orders=args.orders, experts=args.experts, w_bits=args.bits[0], a_bits=args.bits[1],
-                    val_size=args.val_size, **_grid_common(args)))
+                    eps_values=args.eps_values, forms=forms, w_bits=args.bits[0],
+                    a_bits=args.bits[1], val_size=args.val_size, **_grid_common(args)))
     return 0
 
 
 def _add_diagnose(sub):
+    from . import regularizers
     p = sub.add_parser("diagnose", help="feature diagnostics of FP32, LSQ and MEC-Quant models",
                        description="Train (or reuse the cached checkpoints in --out of) FP32, LSQ "
                        "and MEC-Quant models at the given bit-widths, then measure their "
@@ -210,7 +232,8 @@ def _add_diagnose(sub):
     _add_grid_common(p, seeds=[0])
     p.add_argument("--bits", type=_bits_pair, nargs="+", default=[(4, 4), (2, 2)],
                    help="bit-widths, e.g. W4A4 W2A2 (default: W4A4 W2A2)")
-    p.add_argument("--reg", choices=["mec", "mec_taylor", "moe"], default="mec", help="MEC-Quant's form (default: %(default)s)")
+    p.add_argument("--reg", choices=list(regularizers.names()), default="mec_taylor",
+                   help="MEC-Quant's regulariser (default: %(default)s, as mecref train)")
     _add_settings(p)
     p.add_argument("--diag-eps", type=float, default=0.5, help="eps of the measured coding length (default: %(default)s)")
     p.add_argument("--n-samples", type=int, default=2000, help="test images to measure on (default: %(default)s)")

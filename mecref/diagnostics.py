@@ -333,7 +333,7 @@ def _num(v):
 # ----------------------------------------------------------------------------------------------
 
 def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, workers: int = 2,
-             n_samples: int = 2000, diag_eps: float = 0.5, reg: str = "mec", settings=None,
+             n_samples: int = 2000, diag_eps: float = 0.5, reg: str = "mec_taylor", settings=None,
              from_sweep=None, progress=True, **common) -> dict:
     """Train (or find cached) FP32, LSQ and MEC-Quant models and measure their features.
 
@@ -360,7 +360,8 @@ def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, wor
         model_from_checkpoint, run_grid, settings_from_sweep
     n_samples = check_int("n_samples", n_samples, 2)
     diag_eps = check_positive("diag_eps", diag_eps)
-    check_choice("reg", reg, ("mec", "mec_taylor", "moe"))
+    from . import regularizers
+    check_choice("reg", reg, regularizers.names())
     pairs = _check_bits_list(bits)
     if from_sweep is not None:
         settings = settings_from_sweep(from_sweep, settings)

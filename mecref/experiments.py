@@ -64,7 +64,8 @@ __all__ = [
     "QUANTIZER_NAMES", "cell_config", "cell_key", "group_key", "method_label", "bits_label",
     "run_grid", "load_runs", "summarize", "write_results", "markdown_table", "main_grid",
     "sweep_grid", "best_row", "best_settings", "settings_from_sweep", "default_settings", "taylor_eps", "plot_sweep",
-    "run_table", "model_from_checkpoint", "MAIN_BITS", "FORMS",
+    "run_table", "model_from_checkpoint", "MAIN_BITS", "FORMS", "EPS_GRID", "BETA_GRID",
+    "form_label", "form_spec", "pretrain_cell",
 ]
 
 QUANTIZER_NAMES = {"fp32": "FP32", "ste": "STE", "dorefa_pact": "DoReFa+PACT", "lsq": "LSQ",
@@ -110,8 +111,17 @@ def cell_config(config: dict, seed: int) -> dict:
     return TrainConfig(**dict(config, seed=int(seed))).validate().as_dict()
 
 
+# Fields added to TrainConfig after the first cached grids, with the value that means "as
+# before": a field at that value is left out of a cell's key, so earlier caches stay valid.
+_NEUTRAL = {"pretrain_epochs": 0, "pretrain_lr": 0.1, "reg_at": "features"}
+
+
+def _key_view(full: dict) -> dict:
+    return {k: v for k, v in full.items() if not (k in _NEUTRAL and v == _NEUTRAL[k])}
+
+
 def _digest(obj) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(_key_view(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_KEY_DIGITS]
 
 
@@ -123,6 +133,14 @@ def cell_key(config: dict, seed: int) -> str:
 def group_key(full_config: dict) -> str:
     """Key of a cell's configuration without its seed: the cells averaged in one table row."""
     return _digest({k: v for k, v in full_config.items() if k != "seed"})
+
+
+def pretrain_cell(full: dict) -> dict:
+    """The full configuration of the FP32 run a cell with ``pretrain_epochs > 0`` starts from
+    (:meth:`mecref.train.TrainConfig.pretrain_config`): one per seed and data setting, shared
+    by every method of that seed."""
+    from .train import TrainConfig
+    return TrainConfig(**full).validate().pretrain_config().as_dict()
 
 
 def bits_label(config: dict) -> str:
@@ -139,12 +157,14 @@ def method_label(config: dict) -> str:
     ``"MEC-Quant (Taylor n=4)"``; ``"moe"`` is ``"MEC-Quant (MOE K=4)"``. A regulariser on another
     quantizer reads ``"STE + MEC (exact)"`` and so on.
     """
+    from . import regularizers
     q = QUANTIZER_NAMES.get(config.get("quantizer"), str(config.get("quantizer")))
     reg = config.get("reg")
     if reg is None or config.get("reg_weight") == 0:
         return q
-    form = {"mec": "exact", "mec_taylor": f"Taylor n={config.get('order')}",
-            "moe": f"MOE K={config.get('experts')}"}[reg]
+    form = regularizers.get(reg).describe(config)
+    if config.get("reg_at", "features") != "features":
+        form += f", at {config['reg_at']}"
     return f"MEC-Quant ({form})" if q == "LSQ" else f"{q} + MEC ({form})"
 
 
@@ -210,17 +230,53 @@ def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
             todo.append((full, key))
         else:
             records[key] = dict(rec, from_cache=True)
-    report = _GridProgress(progress, total=len(cells), cached=len(records))
-    report.start(len(todo), workers)
-
-    if workers == 1 or len(todo) <= 1:
-        for full, key in todo:
-            rec = _run_cell(full, str(out), progress=progress is True and workers == 1)
-            records[key] = dict(rec, from_cache=False)
-            report.done(records[key])
+    jobs = _with_pretraining(todo, out, records)
+    report = _GridProgress(progress, total=len(cells) + len(jobs) - len(todo),
+                           cached=len(cells) - len(todo))
+    report.start(len(jobs), workers)
+    if workers == 1 or len(jobs) <= 1:
+        _run_in_order(jobs, out, records, report, progress is True and workers == 1)
     else:
-        _run_parallel(todo, out, min(workers, len(todo)), records, report)
+        _run_parallel(jobs, out, min(workers, len(jobs)), records, report)
     return [records[key] for _, key in cells]
+
+
+def _with_pretraining(todo, out, records):
+    """The jobs ``(full, key, pretrain_key)`` to run: each FP32 pretraining that a cell to run
+    needs and that is not cached (first), then the cells; ``records`` gets the cached ones."""
+    pre_jobs, jobs = {}, []
+    for full, key in todo:
+        pkey = None
+        if full.get("pretrain_epochs"):
+            pre = pretrain_cell(full)
+            pkey = _digest(pre)
+            if pkey not in pre_jobs and pkey not in records:
+                rec = _load_record(out / "runs" / f"{pkey}.json", pre)
+                if rec is not None and Path(out, rec.get("checkpoint") or "-").is_file():
+                    records[pkey] = dict(rec, from_cache=True)
+                else:
+                    pre_jobs[pkey] = (pre, pkey, None)
+        jobs.append((full, key, pkey))
+    return list(pre_jobs.values()) + jobs
+
+
+def _init_path(out, records, key, pkey):
+    """The pretrained checkpoint a job starts from, or a record saying why it cannot run."""
+    if pkey is None:
+        return None, None
+    pre = records[pkey]
+    if pre["status"] != "ok":
+        return None, dict(pre, key=key, status="diverged", history=[], checkpoint=None,
+                          error=f"its FP32 pretraining {pkey} diverged: {pre['error']}")
+    return str(Path(out, pre["checkpoint"])), None
+
+
+def _run_in_order(jobs, out, records, report, progress):
+    for full, key, pkey in jobs:
+        init, failed = _init_path(out, records, key, pkey)
+        rec = failed or _run_cell(full, str(out), progress=progress, init_from=init)
+        records[key] = dict(rec, from_cache=False)
+        report.done(records[key])
 
 
 def _record_grid(path: Path, configs):
@@ -235,18 +291,39 @@ def _record_grid(path: Path, configs):
     _write_json_atomic(path, dict(configs=known))
 
 
-def _run_parallel(todo, out, workers, records, report):
+def _run_parallel(jobs, out, workers, records, report):
+    """Run the jobs on ``workers`` processes, at most ``workers`` at a time, each as soon as
+    the pretraining it starts from (if any) is done."""
+    waiting = list(jobs)
     with _worker_environment(), ProcessPoolExecutor(
             max_workers=workers, mp_context=get_context("spawn"),
             initializer=_init_worker) as pool:
-        pending = {pool.submit(_run_cell, full, str(out), False): key for full, key in todo}
+        pending = {}
+
+        def submit_ready():
+            for job in list(waiting):
+                if len(pending) >= workers:
+                    return
+                full, key, pkey = job
+                if pkey is not None and pkey not in records:
+                    continue  # its pretraining is still running
+                waiting.remove(job)
+                init, failed = _init_path(out, records, key, pkey)
+                if failed:
+                    records[key] = dict(failed, from_cache=False)
+                    report.done(records[key])
+                else:
+                    pending[pool.submit(_run_cell, full, str(out), False, init)] = key
+
         try:
+            submit_ready()
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     key = pending.pop(fut)
                     records[key] = dict(fut.result(), from_cache=False)
                     report.done(records[key])
+                submit_ready()
         except BrokenProcessPool as exc:
             raise MecrefError(
                 "a worker process died before finishing its cell (finished cells are cached). "
@@ -312,15 +389,22 @@ def _blas_threads():
     return max(n) if n else None
 
 
-def _run_cell(full: dict, out_dir: str, progress=False) -> dict:
-    """Train one cell (resuming from its checkpoint), write its run file, return the record."""
+def _run_cell(full: dict, out_dir: str, progress=False, init_from=None) -> dict:
+    """Train one cell (resuming from its checkpoint), write its run file, return the record.
+
+    ``init_from``: the checkpoint of the cell's FP32 pretraining (``pretrain_epochs > 0``);
+    it is not part of the cell's configuration (the pretraining's configuration is)."""
     from .train import TrainConfig, TrainingDivergedError, train_small_cnn
     out = Path(out_dir)
     key = _digest(full)
     cfg = TrainConfig(**full).validate()
+    if init_from is not None:
+        cfg = dataclasses.replace(cfg, init_from=str(init_from))
     rec = dict(key=key, group=group_key(full), label=method_label(full), bits=bits_label(full),
                seed=full["seed"], config=full, mecref_version=_version(),
-               blas_threads=_blas_threads(), pid=os.getpid())
+               blas_threads=_blas_threads(), pid=os.getpid(), cpu=_cpu_model(),
+               pretrained_from=None if init_from is None else
+               str(Path(init_from).resolve().relative_to(out.resolve())))
     ckpt_dir = out / "checkpoints" / key
     try:
         res = train_small_cnn(cfg, progress=progress, checkpoint_dir=ckpt_dir, resume=True,
@@ -347,7 +431,21 @@ def _load_record(path: Path, full: dict):
         rec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return rec if rec.get("config") == full else None
+    if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
+        return None
+    return rec if _key_view(rec["config"]) == _key_view(full) else None
+
+
+def _cpu_model():
+    """The CPU's model name (Linux ``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or None
 
 
 def _write_json_atomic(path: Path, obj):
@@ -407,7 +505,7 @@ def load_runs(out_dir) -> list:
 
 _ROW_FIELDS = ("quantizer", "w_bits", "a_bits", "first_last_bits", "reg", "reg_weight", "eps",
                "order", "experts", "epochs", "batch_size", "lr", "val_size", "train_limit",
-               "dataset", "width", "backend")
+               "dataset", "width", "backend", "pretrain_epochs", "reg_at")
 
 
 def summarize(out_dir, configs=None) -> list:
@@ -450,7 +548,7 @@ def _row(recs) -> dict:
     cfg = recs[0]["config"]
     ok = [r for r in recs if r["status"] == "ok"]
     row = dict(label=recs[0]["label"], bits=recs[0]["bits"])
-    row.update({k: cfg[k] for k in _ROW_FIELDS})
+    row.update({k: cfg.get(k, _NEUTRAL.get(k)) for k in _ROW_FIELDS})
     row.update(n=len(ok), n_diverged=len(recs) - len(ok), seeds=[r["seed"] for r in ok])
     for name in ("test_acc", "val_acc"):
         vals = [r[name] for r in ok if r[name] is not None]
@@ -511,7 +609,8 @@ def _pct(mean, std):
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-_VARYING = ("reg_weight", "eps", "order", "experts", "epochs", "dataset", "train_limit")
+_VARYING = ("reg_weight", "eps", "order", "experts", "epochs", "pretrain_epochs", "dataset",
+            "train_limit")
 
 
 def markdown_table(rows) -> str:
@@ -544,9 +643,13 @@ def markdown_table(rows) -> str:
 
 def _shown(row, key):
     """A row's value of ``key``, or None where the setting does not act (no regulariser)."""
-    acts = {"reg_weight": row["reg"] is not None, "eps": row["reg"] is not None,
-            "order": row["reg"] == "mec_taylor", "experts": row["reg"] == "moe"}
-    return row[key] if acts.get(key, True) else None
+    from . import regularizers
+    if key in ("reg_weight", "eps"):
+        return row[key] if row["reg"] is not None else None
+    if key in ("order", "experts"):
+        acts = row["reg"] is not None and key in regularizers.get(row["reg"]).params
+        return row[key] if acts else None
+    return row[key]
 
 
 def _fmt(v):
@@ -559,81 +662,135 @@ def _fmt(v):
 # The canonical grids
 # ----------------------------------------------------------------------------------------------
 
-FORMS = ("mec", "mec_taylor", "moe")
-_FORM_KEYS = {"mec": ("reg_weight", "eps"), "mec_taylor": ("reg_weight", "eps", "order"),
-              "moe": ("reg_weight", "eps", "experts")}
+# A *form* of MEC-Quant is a registered regulariser with its structural parameters fixed (the
+# Taylor order, the number of experts); its *settings* add the strength (reg_weight, eps).
+# Forms are named by their label ("exact", "Taylor n=4", "MOE K=4").
+FORMS = ({"reg": "mec"}, {"reg": "mec_taylor", "order": 4}, {"reg": "moe", "experts": 2},
+         {"reg": "moe", "experts": 4}, {"reg": "moe", "experts": 8})
+EPS_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+BETA_GRID = (0.05, 0.2, 1.0)
+
+
+def form_label(config: dict) -> str:
+    """A configuration's form: its regulariser's label (``"exact"``, ``"MOE K=4"``)."""
+    from . import regularizers
+    return regularizers.get(config["reg"]).describe(config)
+
+
+def form_spec(config: dict) -> dict:
+    """The regulariser fields of a configuration: ``reg``, ``reg_weight``, ``eps`` and the
+    form's own parameters (``order``, ``experts``, ...)."""
+    from . import regularizers
+    return dict(reg=config["reg"], **regularizers.get(config["reg"]).settings(config))
+
+
+def _full_form(form: dict) -> dict:
+    """A form dict completed with TrainConfig's defaults (and checked)."""
+    from . import regularizers
+    from .train import TrainConfig
+    if not isinstance(form, dict) or "reg" not in form:
+        raise MecrefError(f"a form is a dict with 'reg' and its parameters, got {form!r}")
+    reg = regularizers.get(form["reg"])
+    allowed = {"reg", "reg_weight", "eps", "reg_at"} | set(reg.params)
+    unknown = sorted(set(form) - allowed)
+    if unknown:
+        raise MecrefError(f"form {form!r} has keys {unknown} that {form['reg']!r} does not read; "
+                          f"allowed: {sorted(allowed)}")
+    d = TrainConfig()
+    return dict({k: getattr(d, k) for k in ("reg_weight", "eps") + tuple(reg.params)}, **form)
 
 
 def taylor_eps(width=None) -> float:
-    r"""Default eps of the Taylor form: :math:`2\sqrt d`, d = ``width[2]`` (64 gives 16).
+    r"""The smallest eps of the Taylor form's sweep: :math:`\sqrt d`, d = ``width[2]`` (8 for 64).
 
     The order-n series of :math:`\log\det(I + C)` converges only when the spectral radius of
     :math:`C = \lambda Z_1 Z_2^T` is below 1; for unit rows it is at most
-    :math:`\lambda m = d / \epsilon^2` (method spec, section 2), so :math:`\epsilon = 2\sqrt d`
-    bounds it by 1/4 for any features. At the exact form's eps (0.5) the series diverges and the
-    Taylor "form" would be a different polynomial objective, not an approximation.
+    :math:`\lambda m = d / \epsilon^2` (derivations E4), so eps >= sqrt(d) keeps it at most 1
+    for any features (equal to 1 only when every row of both views is the same vector). Below
+    that the "form" would be a different polynomial objective, not an approximation.
     """
+    from . import regularizers
     from .train import TrainConfig
     d = (TrainConfig().width if width is None else width)[2]
-    return 2.0 * float(d) ** 0.5
+    return regularizers.get("mec_taylor").min_eps(d)
 
 
 def default_settings(width=None) -> dict:
-    """MEC-Quant's settings per form before a sweep: TrainConfig's ``reg_weight`` and ``eps``,
-    order 4 (MEC's) with eps = :func:`taylor_eps`, and 4 experts."""
+    """MEC-Quant's settings per default form before a sweep: TrainConfig's ``reg_weight`` and
+    ``eps`` (at least the form's smallest defined eps), the form's own parameters from
+    :data:`FORMS`. Keyed by form label."""
+    from . import regularizers
     from .train import TrainConfig
-    d = TrainConfig()
-    return {"mec": dict(reg_weight=d.reg_weight, eps=d.eps),
-            "mec_taylor": dict(reg_weight=d.reg_weight, eps=taylor_eps(width), order=d.order),
-            "moe": dict(reg_weight=d.reg_weight, eps=d.eps, experts=d.experts)}
+    d = (TrainConfig().width if width is None else width)[2]
+    out = {}
+    for form in FORMS:
+        spec = _full_form(form)
+        lo = regularizers.get(spec["reg"]).min_eps
+        if lo is not None:
+            spec["eps"] = max(spec["eps"], lo(d))
+        out[form_label(spec)] = spec
+    return out
 
 
 def _merge_settings(settings, width):
+    """Settings keyed by form label; a key that is a registered regulariser's name (``"mec"``)
+    means that regulariser with the parameters given (or its default form)."""
+    from . import regularizers
     merged = default_settings(width)
-    for form, values in (settings or {}).items():
-        if form not in merged:
-            raise MecrefError(f"settings has unknown form {form!r}; forms are {FORMS}")
-        unknown = set(values) - set(_FORM_KEYS[form])
-        if unknown:
-            raise MecrefError(f"settings[{form!r}] has unknown keys {sorted(unknown)}; "
-                              f"allowed: {_FORM_KEYS[form]}")
-        merged[form].update(values)
+    for key, values in (settings or {}).items():
+        if not isinstance(values, dict):
+            raise MecrefError(f"settings[{key!r}] must be a dict, got {values!r}")
+        if key in regularizers.REGISTRY:
+            base = next((s for s in merged.values() if s["reg"] == key), {"reg": key})
+            spec = _full_form(dict(base, **values, reg=key))
+            merged = {k: v for k, v in merged.items() if v is not base}
+        elif key in merged:
+            spec = _full_form(dict(merged[key], **values))
+        else:
+            raise MecrefError(f"settings has unknown form {key!r}; forms are {sorted(merged)} "
+                              f"or a regulariser name {regularizers.names()}")
+        merged[form_label(spec)] = spec
     return merged
 
 
-def main_grid(epochs: int = 6, bits=MAIN_BITS, settings=None, **common) -> list:
+def main_grid(epochs: int = 6, bits=MAIN_BITS, settings=None, forms=None, **common) -> list:
     """The main table's configurations: every method at every bit-width, one shared budget.
 
     FP32; then for each ``(w_bits, a_bits)`` in ``bits`` (W4A4, W3A3, W2A2, W2A4 by default):
-    STE, DoReFa+PACT, LSQ, LSQ+, and MEC-Quant = LSQ + the regulariser in its exact
-    (``"mec"``), Taylor (``"mec_taylor"``) and MOE (``"moe"``) forms.
+    STE, DoReFa+PACT, LSQ, LSQ+, and MEC-Quant = LSQ + the regulariser in each form.
 
     Every configuration gets the same ``epochs`` and ``common`` TrainConfig fields (batch size,
-    schedule, data, ...), and the training loop gives every method the same two augmented views,
-    so the regulariser is the only difference between LSQ and MEC-Quant.
+    schedule, data, ``pretrain_epochs`` for the standard protocol, ...), and the training loop
+    gives every method the same two augmented views and data order, so the regulariser is the
+    only difference between LSQ and MEC-Quant.
 
     Parameters
     ----------
     settings : dict, optional
-        Per form, the regulariser's ``reg_weight``, ``eps`` and ``order`` / ``experts``, e.g.
-        ``{"mec": {"reg_weight": 1.0, "eps": 0.25}}``; missing entries keep
-        :func:`default_settings`. Choose them with :func:`sweep_grid` on a validation split
-        (:func:`best_settings`), never on the test set.
+        Per form label (``"exact"``, ``"Taylor n=4"``, ``"MOE K=4"``, ...; or a regulariser's
+        name), its ``reg_weight``, ``eps`` and parameters: :func:`best_settings` of a sweep on a
+        validation split, never the test set. Missing forms keep :func:`default_settings`.
+    forms : list of str, optional
+        The form labels to include (default: every form in the merged settings).
 
     Returns
     -------
-    list of dict
-        ``1 + 7 * len(bits)`` configurations (29 by default), each without ``seed``.
+    list of dict, each without ``seed``.
     """
     check_int("epochs", epochs, 1)
     base = dict(common, epochs=int(epochs))
-    forms = _merge_settings(settings, common.get("width"))
+    specs = _merge_settings(settings, common.get("width"))
+    if forms is not None:
+        missing = [f for f in forms if f not in specs]
+        if missing:
+            raise MecrefError(f"forms {missing} have no settings; known: {sorted(specs)}")
+        specs = {f: specs[f] for f in forms}
     configs = [dict(base, quantizer="fp32", reg=None)]
     for w, a in _check_bits_list(bits):
         q = dict(base, w_bits=w, a_bits=a)
         configs += [dict(q, quantizer=name, reg=None)
                     for name in ("ste", "dorefa_pact", "lsq", "lsqplus")]
-        configs += [dict(q, quantizer="lsq", reg=form, **forms[form]) for form in FORMS]
+        configs += [dict(q, quantizer="lsq", **spec) for spec in specs.values()]
     return configs
 
 
@@ -653,18 +810,14 @@ def _check_list(name, vals):
     return list(vals)
 
 
-def sweep_grid(epochs: int = 6, reg_weights=(0.1, 0.5, 2.0), eps_values=(0.25, 0.5, 1.0),
-               taylor_eps_values=None, orders=(2, 4, 8), experts=(2, 4, 8), w_bits: int = 2,
-               a_bits: int = 2, val_size: int = 2000, **common) -> list:
-    """Hyperparameter sweep of MEC-Quant (LSQ + regulariser) at W2A2, judged on validation.
+def sweep_grid(epochs: int = 6, reg_weights=BETA_GRID, eps_values=EPS_GRID, forms=FORMS,
+               w_bits: int = 2, a_bits: int = 2, val_size: int = 2000, **common) -> list:
+    """The strength sweep of MEC-Quant (LSQ + regulariser), judged on a validation split.
 
-    - the LSQ baseline (no regulariser);
-    - each form over ``reg_weights`` x its eps values: ``eps_values`` for the exact and MOE
-      forms, ``taylor_eps_values`` for the Taylor form (default: :func:`taylor_eps` / 4, / 2,
-      x 1, i.e. 4, 8, 16 for d = 64: the series needs a large eps to converge), at the default
-      order and experts (:func:`default_settings`);
-    - ``orders`` (Taylor) and ``experts`` (MOE) at the form's middle weight and eps (the middle
-      of each sorted list, the lower one of an even count: beta 0.5, eps 0.5, Taylor eps 8).
+    The LSQ baseline, then every form in ``forms`` over the SAME grid of ``reg_weights`` x
+    ``eps_values``: eps sets the strength d/eps^2 = lam m of the coding length whatever the
+    batch or expert size (docs/results.md, "Strength"). A form is left out at an eps below the
+    smallest where it is defined (the Taylor series: eps >= sqrt(d), :func:`taylor_eps`).
 
     ``val_size`` images are held out of the training set (stratified, per seed) and every choice
     is made on their accuracy (``val_acc``); the test set is never looked at for a choice.
@@ -672,72 +825,64 @@ def sweep_grid(epochs: int = 6, reg_weights=(0.1, 0.5, 2.0), eps_values=(0.25, 0
     Returns
     -------
     list of dict, each without ``seed``; no configuration twice
-        (1 + 9 + 9 + 9 + 2 + 2 = 32 by default: orders 4 and experts 4 are already there).
+        (1 + 3 x (6 + 3 + 6 + 6 + 6) = 82 by default: exact, Taylor n=4 from eps 8, MOE K = 2,
+        4, 8).
     """
+    from . import regularizers
+    from .train import TrainConfig
     check_int("epochs", epochs, 1)
     check_int("val_size", val_size, 1)
     reg_weights = [float(b) for b in _check_list("reg_weights", reg_weights)]
     eps_values = [float(e) for e in _check_list("eps_values", eps_values)]
-    orders = [int(n) for n in _check_list("orders", orders)]
-    experts = [int(k) for k in _check_list("experts", experts)]
-    d_eps = taylor_eps(common.get("width"))
-    if taylor_eps_values is None:
-        taylor_eps_values = (d_eps / 4, d_eps / 2, d_eps)
-    taylor_eps_values = [float(e) for e in _check_list("taylor_eps_values", taylor_eps_values)]
-    forms = default_settings(common.get("width"))
+    forms = [_full_form(f) for f in _check_list("forms", forms)]
+    d = (common.get("width") or TrainConfig().width)[2]
     base = dict(common, epochs=int(epochs), quantizer="lsq", w_bits=w_bits, a_bits=a_bits,
                 val_size=int(val_size))
     configs = [dict(base, reg=None)]
-    for form, eps_list in (("mec", eps_values), ("mec_taylor", taylor_eps_values),
-                           ("moe", eps_values)):
-        configs += [dict(base, reg=form, **dict(forms[form], reg_weight=b, eps=e))
-                    for b, e in product(reg_weights, eps_list)]
-    b_mid = _middle(reg_weights)
-    configs += [dict(base, reg="mec_taylor", **dict(forms["mec_taylor"], reg_weight=b_mid,
-                                                    eps=_middle(taylor_eps_values), order=n))
-                for n in orders]
-    configs += [dict(base, reg="moe", **dict(forms["moe"], reg_weight=b_mid,
-                                             eps=_middle(eps_values), experts=k)) for k in experts]
+    for form in forms:
+        lo = regularizers.get(form["reg"]).min_eps
+        for b, e in product(reg_weights, eps_values):
+            if lo is None or e >= lo(d):
+                configs.append(dict(base, **dict(form, reg_weight=b, eps=e)))
     unique = {}
     for c in configs:
         unique.setdefault(json.dumps(c, sort_keys=True, default=list), c)
     return list(unique.values())
 
 
-def _middle(values):
-    v = sorted(values)
-    return v[(len(v) - 1) // 2]
-
-
-def best_row(rows, metric: str = "val_acc_mean", reg=None):
+def best_row(rows, metric: str = "val_acc_mean", form=None):
     """The summary row with the highest ``metric`` (validation accuracy by default).
 
-    ``reg`` restricts the choice to one regulariser (``"mec"``, ``"mec_taylor"``, ``"moe"``).
-    Raises MecrefError when no row has the metric.
+    ``form`` restricts the choice to one form (a label such as ``"MOE K=4"``, or a regulariser
+    name such as ``"mec"``). Raises MecrefError when no row has the metric.
     """
-    cand = [r for r in rows if r.get(metric) is not None and (reg is None or r["reg"] == reg)]
+    def matches(r):
+        if form is None:
+            return True
+        return r["reg"] is not None and (r["reg"] == form or form_label(r) == form)
+    cand = [r for r in rows if r.get(metric) is not None and matches(r)]
     if not cand:
-        raise MecrefError(f"no summary row has {metric!r}" + (f" for reg={reg!r}" if reg else ""))
+        raise MecrefError(f"no summary row has {metric!r}" + (f" for form {form!r}" if form else ""))
     return max(cand, key=lambda r: r[metric])
 
 
 def best_settings(rows, metric: str = "val_acc_mean") -> dict:
-    """Per form, the settings of the sweep row with the best validation accuracy.
+    """Per form (label), the settings of the sweep row with the best validation accuracy.
 
-    Returns ``{form: {"reg_weight", "eps", ["order" | "experts"]}}`` for each form that has
-    rows with ``metric``: the ``settings`` argument of :func:`main_grid`.
+    Returns ``{label: {"reg", "reg_weight", "eps", <the form's parameters>}}`` for each form
+    that has rows with ``metric``: the ``settings`` argument of :func:`main_grid`.
     """
     out = {}
-    for form in FORMS:
-        try:
-            r = best_row(rows, metric, reg=form)
-        except MecrefError:
+    for r in rows:
+        if r["reg"] is None or r.get(metric) is None:
             continue
-        out[form] = {k: r[k] for k in _FORM_KEYS[form]}
+        label = form_label(r)
+        if label not in out or r[metric] > out[label][1]:
+            out[label] = (form_spec(r), r[metric])
     if not out:
         raise MecrefError(f"no regularised sweep row has {metric!r}: is this a sweep folder "
                           "(val_size > 0)?")
-    return out
+    return {k: v[0] for k, v in out.items()}
 
 
 def settings_from_sweep(sweep_dir, settings=None) -> dict:
@@ -750,69 +895,50 @@ def settings_from_sweep(sweep_dir, settings=None) -> dict:
 
 
 def plot_sweep(rows, path, metric: str = "val_acc_mean"):
-    """Plot a sweep: validation accuracy against each swept hyperparameter.
-
-    Panels: each form's accuracy against ``reg_weight`` (log axis), one line per eps (Taylor at
-    its most common order, MOE at its most common number of experts); then accuracy against the
-    Taylor ``order`` and the MOE ``experts``, one line per (reg_weight, eps) with two or more
-    points. Error bars: std over seeds. The LSQ baseline (no regulariser) is a dashed line.
-    Panels without data are left out.
+    """The strength figure: validation accuracy against eps, one line per form, one panel
+    per reg_weight; the LSQ baseline (no regulariser) as a band (mean +- std over seeds).
+    Error bars: std over seeds (none for one seed).
 
     Returns
     -------
     Path of the written image (format from the suffix, e.g. ``.png``).
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullLocator
     rows = [r for r in rows if r.get(metric) is not None]
     base = [r for r in rows if r["reg"] is None]
     std_key = metric.replace("_mean", "_std")
-    panels = []
-    for form, title in (("mec", "exact MEC"), ("mec_taylor", "Taylor MEC"), ("moe", "MOE")):
-        sub = [r for r in rows if r["reg"] == form]
-        if not sub:
-            continue
-        fixed = {"mec_taylor": "order", "moe": "experts"}.get(form)
-        if fixed:
-            common_value = max({r[fixed] for r in sub}, key=lambda v: sum(r[fixed] == v for r in sub))
-            wsub = [r for r in sub if r[fixed] == common_value]
-            panels.append((f"{title} ({fixed} {common_value})", wsub, "reg_weight", ("eps",)))
-            panels.append((f"{title}: {fixed}", sub, fixed, ("reg_weight", "eps")))
-        else:
-            panels.append((title, sub, "reg_weight", ("eps",)))
-    drawn = []
-    for title, sub, x, line_keys in panels:
-        lines = {}
-        for r in sub:
-            lines.setdefault(tuple(r[k] for k in line_keys), []).append(r)
-        lines = {k: v for k, v in lines.items() if len(v) >= (2 if x != "reg_weight" else 1)}
-        if lines:
-            drawn.append((title, x, line_keys, lines))
-    if not drawn:
+    betas = sorted({r["reg_weight"] for r in rows if r["reg"] is not None})
+    if not betas:
         raise MecrefError(f"plot_sweep: no regularised row has {metric!r} to plot")
-    ncols = min(3, len(drawn))
-    nrows = -(-len(drawn) // ncols)
-    fig = Figure(figsize=(4.8 * ncols, 3.8 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (title, x, line_keys, lines) in zip(axes, drawn):
-        for key, line in sorted(lines.items()):
-            line = sorted(line, key=lambda r: r[x])
-            ax.errorbar([r[x] for r in line], [100 * r[metric] for r in line],
-                        yerr=[100 * (r.get(std_key) or 0.0) for r in line], marker="o", capsize=3,
-                        label=", ".join(f"{k} {v:.3g}" for k, v in zip(line_keys, key)))
+    fig = Figure(figsize=(4.6 * len(betas), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(betas), squeeze=False, sharey=True).ravel()
+    forms = []
+    for r in rows:
+        if r["reg"] is not None and form_label(r) not in forms:
+            forms.append(form_label(r))
+    eps_all = sorted({r["eps"] for r in rows if r["reg"] is not None})
+    for ax, beta in zip(axes, betas):
+        for form in forms:
+            line = sorted((r for r in rows if r["reg"] is not None and r["reg_weight"] == beta
+                           and form_label(r) == form), key=lambda r: r["eps"])
+            if line:
+                ax.errorbar([r["eps"] for r in line], [100 * r[metric] for r in line],
+                            yerr=[100 * (r.get(std_key) or 0.0) for r in line], marker="o",
+                            capsize=3, label=form)
         for r in base:
-            ax.axhline(100 * r[metric], color="0.4", ls="--", label=f"{r['label']} (no reg.)")
-        if x == "reg_weight":
-            ax.set_xscale("log")
-        else:
-            ax.set_xticks(sorted({r[x] for line in lines.values() for r in line}))
-        ax.set_xlabel({"reg_weight": "regulariser weight beta", "order": "Taylor order n",
-                       "experts": "experts K"}[x])
-        ax.set_ylabel(("validation" if metric.startswith("val") else "test") + " accuracy (%)")
-        ax.set_title(f"{title}, {next(iter(lines.values()))[0]['bits']}")
+            m, sd = 100 * r[metric], 100 * (r.get(std_key) or 0.0)
+            ax.axhspan(m - sd, m + sd, color="0.85", zorder=0)
+            ax.axhline(m, color="0.4", ls="--", label=f"{r['label']} (no regulariser)")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(eps_all))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{e:g}" for e in eps_all])
+        ax.set_xlabel("eps (distortion; strength d/eps² falls to the right)")
+        ax.set_title(f"beta = {beta:g}, {rows[0]['bits']}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in axes[len(drawn):]:
-        ax.set_visible(False)
+    axes[0].set_ylabel(("validation" if metric.startswith("val") else "test") + " accuracy (%)")
+    axes[-1].legend(fontsize=8, loc="lower right")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -853,7 +979,8 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
         best = best_settings(rows)
         _write_json_atomic(Path(out_dir, "best_settings.json"), best)
         text += "\n\n" + "\n".join(
-            f"- best {form} by validation accuracy: " + " ".join(f"{k}={v:.4g}" for k, v in s.items())
+            f"- best {form} by validation accuracy: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in s.items())
             for form, s in best.items())
     return text
 

@@ -990,27 +990,52 @@ class SmallCNN(_Container):
         super().__init__(layers, names)
         self.config = config
 
-    def forward(self, x, train=True):
-        """x (N, C_in, H, W) floating -> logits (N, num_classes), features (N, C3)."""
+    def forward(self, x, train=True, taps=None):
+        """x (N, C_in, H, W) floating -> logits (N, num_classes), features (N, C3).
+
+        ``taps``: None, or names of inner layers (``self.names``) whose outputs are returned as
+        a third value ``{name: output}``; ``backward`` accepts a gradient for each
+        (derivations T3).
+        """
         check_array("x", x, ndim=4)
         W0 = self.layers[0].params["W"]
         if x.dtype != W0.dtype:
             raise TypeError(f"x must have the model's dtype {W0.dtype}, got {x.dtype}")
-        h = x
-        for layer in self.layers[:-1]:
+        unknown = [t for t in (taps or ()) if t not in self.names[:-2]]
+        if unknown:
+            raise MecrefError(f"taps must name inner layers of {self.names[:-2]}, got {unknown}")
+        h, tapped = x, {}
+        for name, layer in zip(self.names[:-1], self.layers[:-1]):
             h = layer.forward(h, train)
-        return self.layers[-1].forward(h, train), h
+            if taps and name in taps:
+                tapped[name] = h
+        logits = self.layers[-1].forward(h, train)
+        return (logits, h) if taps is None else (logits, h, tapped)
 
-    def backward(self, dlogits, dfeatures=None):
+    def backward(self, dlogits, dfeatures=None, dtaps=None):
         """Fill every layer's grads; returns the input gradient only if the first layer's
-        ``input_grad`` is True (it is False in :func:`small_cnn`: images need none)."""
+        ``input_grad`` is True (it is False in :func:`small_cnn`: images need none).
+
+        ``dfeatures`` (N, C3) is added to the gradient at the features and ``dtaps[name]`` at
+        the output of layer ``name`` (a term of the loss that reads that output directly):
+
+        .. math:: \\frac{dL}{dh_i} = J_{i+1}^T \\frac{dL}{dh_{i+1}} + \\frac{\\partial L}{\\partial h_i}
+        """
         d = self.layers[-1].backward(dlogits)
+        dtaps = dict(dtaps or {})
         if dfeatures is not None:
-            if not hasattr(dfeatures, "shape") or tuple(dfeatures.shape) != tuple(d.shape):
-                raise MecrefError(f"dfeatures must have the features' shape {tuple(d.shape)}, "
-                                  f"got {tuple(getattr(dfeatures, 'shape', ()))}")
-            d = d + dfeatures
-        for layer in reversed(self.layers[:-1]):
+            dtaps[self.names[-2]] = dfeatures
+        unknown = [t for t in dtaps if t not in self.names[:-1]]
+        if unknown:
+            raise MecrefError(f"dtaps must name layers of {self.names[:-1]}, got {unknown}")
+        for name, layer in zip(reversed(self.names[:-1]), reversed(self.layers[:-1])):
+            if name in dtaps:
+                extra = dtaps[name]
+                if not hasattr(extra, "shape") or tuple(extra.shape) != tuple(d.shape):
+                    what = "dfeatures" if name == self.names[-2] else f"dtaps[{name!r}]"
+                    raise MecrefError(f"{what} must have the shape of {name}'s output "
+                                      f"{tuple(d.shape)}, got {tuple(getattr(extra, 'shape', ()))}")
+                d = d + extra
             d = layer.backward(d)
         return d
 

@@ -21,13 +21,14 @@ import numbers
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import data as mdata
-from . import entropy, losses, nn, optim
+from . import losses, nn, optim, regularizers
 from .backend import (MecrefError, array_module, backend_name, get_xp,
                       scipy_blas_single_thread, to_host)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -37,7 +38,27 @@ __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "train_small_c
            "evaluate", "QUANTIZERS", "REGULARIZERS"]
 
 QUANTIZERS = ("fp32", "ste", "dorefa_pact", "lsq", "lsqplus")
-REGULARIZERS = (None, "mec", "mec_taylor", "moe")
+PLACEMENTS = ("features", "blocks")
+TAPS = {"features": (), "blocks": ("pool1", "pool2")}  # inner block outputs the term also reads
+
+
+class _Registered(Sequence):
+    """``(None, *registered names)``, read afresh from :mod:`mecref.regularizers` on each use."""
+
+    def _names(self):
+        return (None,) + regularizers.names()
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self):
+        return len(self._names())
+
+    def __repr__(self):
+        return repr(self._names())
+
+
+REGULARIZERS = _Registered()  # None, "mec", "mec_taylor", "moe", and any registered later
 
 
 class TrainingDivergedError(MecrefError, FloatingPointError):
@@ -51,7 +72,7 @@ class TrainConfig:
     w_bits: int = 2                 # weight bits of the inner layers (1..8)
     a_bits: int = 2                 # activation bits of the inner layers (1..8)
     first_last_bits: int = 8        # bits of the first conv and the last linear (32 = FP)
-    reg: str | None = "mec_taylor"  # one of REGULARIZERS
+    reg: str | None = "mec_taylor"  # None or a name in mecref.regularizers.REGISTRY
     reg_weight: float = 0.2         # beta (defaults: the sweep in docs/results.md)
     eps: float = 8.0                # distortion epsilon (not squared) of the coding length
     order: int = 4                  # Taylor order for reg="mec_taylor"
@@ -70,10 +91,20 @@ class TrainConfig:
     backend: str = "numpy"
     width: tuple = (16, 32, 64)
     init_from: str | None = None    # FP32 checkpoint to start QAT from
+    pretrain_epochs: int = 0        # >0: FP32 epochs first, then this run starts from them
+    pretrain_lr: float = 0.1        # the peak learning rate of that FP32 pretraining
+    reg_at: str = "features"        # "features", or "blocks": also the inner blocks' outputs
 
     def validate(self):
         check_choice("quantizer", self.quantizer, QUANTIZERS)
-        check_choice("reg", self.reg, REGULARIZERS)
+        check_choice("reg", self.reg, tuple(REGULARIZERS))
+        if self.reg is not None:
+            missing = [p for p in regularizers.get(self.reg).params if not hasattr(self, p)]
+            if missing:
+                raise MecrefError(f"regulariser {self.reg!r} reads fields TrainConfig lacks: {missing}")
+        check_choice("reg_at", self.reg_at, PLACEMENTS)
+        check_int("pretrain_epochs", self.pretrain_epochs, 0)
+        check_positive("pretrain_lr", self.pretrain_lr)
         if self.quantizer != "fp32":
             check_bits("w_bits", self.w_bits)
             check_bits("a_bits", self.a_bits)
@@ -118,6 +149,18 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["width"] = list(self.width)
         return d
+
+    def pretrain_config(self) -> "TrainConfig":
+        """The FP32 run this one starts from when ``pretrain_epochs > 0`` (the standard QAT
+        protocol): the same data, split, seed, width, batch and optimiser, no quantizer, no
+        regulariser, ``pretrain_epochs`` epochs at ``pretrain_lr``; every other field at its
+        default, so all the methods of a seed share one pretraining."""
+        if not self.pretrain_epochs:
+            raise MecrefError("pretrain_config: this run has pretrain_epochs=0 (no pretraining)")
+        keep = ("dataset", "data_dir", "val_size", "train_limit", "seed", "backend", "width",
+                "batch_size", "momentum", "weight_decay", "warmup_epochs")
+        return TrainConfig(**{k: getattr(self, k) for k in keep}, quantizer="fp32", reg=None,
+                           epochs=int(self.pretrain_epochs), lr=float(self.pretrain_lr)).validate()
 
 
 @dataclass
@@ -212,6 +255,11 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
         report.line(f"resumed from {ckpt_path} after epoch {start_epoch}")
     elif cfg.init_from:
         _load_fp_weights(model, cfg.init_from)
+    elif cfg.pretrain_epochs:
+        pre_dir = Path(checkpoint_dir) / "pretrain" if checkpoint_dir is not None else None
+        report.line(f"FP32 pretraining: {cfg.pretrain_epochs} epochs")
+        pre = _train(cfg.pretrain_config(), progress, pre_dir, resume, ds, {})
+        _copy_fp_weights(model, pre.model.state_dict(), "the FP32 pretraining")
 
     t_run = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -266,9 +314,9 @@ def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
     x = xp.concatenate([x1, x2], axis=0)
     y = xp.concatenate([yb, yb], axis=0)
     try:
-        logits, feats = model.forward(x, train=True)
+        logits, feats, taps = model.forward(x, train=True, taps=_taps(cfg))
         ce, ce_cache = losses.softmax_cross_entropy(logits, y)  # refuses NaN/inf logits
-        reg_value, dfeats = _regularizer(feats, B, cfg)         # refuses NaN/inf features
+        reg_value, dfeats, dtaps = _regularizer(feats, taps, B, cfg)  # refuses NaN/inf rows
     except (MecrefError, np.linalg.LinAlgError) as exc:  # a layer, the loss or the regulariser
         # met NaN or inf, or the regulariser is undefined (det(I + C) <= 0) or its Gram matrix
         # lost positive definiteness in floating point (a tiny per-expert eps)
@@ -280,36 +328,49 @@ def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
     if not math.isfinite(loss):
         raise TrainingDivergedError(f"loss is {loss} (ce={float(ce)}, reg={reg_value}) at step {step}")
     dlogits = losses.softmax_cross_entropy_backward(ce_cache, 1.0)
-    model.backward(dlogits, dfeats)
+    model.backward(dlogits, dfeats, dtaps)
     _check_grads(model, step)
     opt.step()
     correct = int(to_host((logits.argmax(axis=1) == y).sum()))
     return dict(loss=loss, ce=float(ce), reg=reg_value, correct=correct, seen=int(2 * B))
 
 
-def _regularizer(feats, B, cfg: TrainConfig):
-    """beta * L_reg and its gradient w.r.t. the (2B, d) penultimate features."""
+def _taps(cfg: TrainConfig) -> tuple:
+    """The inner layers whose outputs the regulariser also reads (``reg_at``)."""
     if cfg.reg is None or cfg.reg_weight == 0.0:
-        return 0.0, None
-    xp = array_module(feats)
-    dead = (feats == 0).all(axis=1)  # a sample whose ReLU features are all zero has no direction:
-    if bool(dead.any()):             # give it a tiny constant row (direction 1/sqrt(d)), see T1
-        feats = feats.copy()
-        feats[dead] = xp.finfo(feats.dtype).tiny ** 0.25
-    Z1, Z2 = feats[:B], feats[B:]
-    beta = cfg.reg_weight
-    if cfg.reg in ("mec", "mec_taylor"):
-        order = None if cfg.reg == "mec" else cfg.order
-        L, cache = entropy.mec_loss(Z1, Z2, cfg.eps, order=order)
-        dZ1, dZ2 = entropy.mec_loss_backward(cache, beta / B)
-        value = float(L) / B
-    else:  # "moe": maximise the coding length of each view
-        L1, c1 = entropy.moe_coding_length(Z1, cfg.eps, experts=cfg.experts)
-        L2, c2 = entropy.moe_coding_length(Z2, cfg.eps, experts=cfg.experts)
-        dZ1 = entropy.moe_coding_length_backward(c1, -beta / (2 * B))[0]
-        dZ2 = entropy.moe_coding_length_backward(c2, -beta / (2 * B))[0]
-        value = -(float(L1) + float(L2)) / (2 * B)
-    return value, xp.concatenate([dZ1, dZ2], axis=0).astype(feats.dtype, copy=False)
+        return ()
+    return TAPS[cfg.reg_at]
+
+
+def _regularizer(feats, taps, B, cfg: TrainConfig):
+    """beta * L_reg and its gradients: w.r.t. the (2B, d) penultimate features, and w.r.t.
+    each tapped block output (derivations T1, T3); ``(0.0, None, None)`` without one."""
+    if cfg.reg is None or cfg.reg_weight == 0.0:
+        return 0.0, None, None
+    reg = regularizers.get(cfg.reg)
+    params = {p: getattr(cfg, p) for p in reg.params}
+    value, dfeats = _regularize_rows(reg, feats, B, cfg.eps, cfg.reg_weight, params)
+    dtaps = {}
+    for name, h in taps.items():  # the same strength d/eps^2 at every place (derivations T3)
+        rows = h.reshape(h.shape[0], -1)
+        eps_b = cfg.eps * math.sqrt(rows.shape[1] / feats.shape[1])
+        v, drows = _regularize_rows(reg, rows, B, eps_b, cfg.reg_weight, params)
+        value += v
+        dtaps[name] = drows.reshape(h.shape)
+    return value, dfeats, dtaps
+
+
+def _regularize_rows(reg, rows, B, eps, beta, params):
+    """L_reg(Z1, Z2) / B on the (2B, d) rows of the two views, and beta times its gradient."""
+    xp = array_module(rows)
+    dead = (rows == 0).all(axis=1)  # a sample whose ReLU features are all zero has no direction:
+    if bool(dead.any()):            # give it a tiny constant row (direction 1/sqrt(d)), see T1
+        rows = rows.copy()
+        rows[dead] = xp.finfo(rows.dtype).tiny ** 0.25
+    Z1, Z2 = rows[:B], rows[B:]
+    L, cache = reg.forward(Z1, Z2, eps, **params)
+    dZ1, dZ2 = reg.backward(cache, beta / B)
+    return float(L) / B, xp.concatenate([dZ1, dZ2], axis=0).astype(rows.dtype, copy=False)
 
 
 def _check_grads(model, step):
@@ -391,19 +452,21 @@ def _load_fp_weights(model, path):
     """Start QAT from an FP32 checkpoint: copy every entry both models share (weights,
     biases, BatchNorm); quantizer parameters keep their data-driven initialisation."""
     fp_state, _, meta = load_checkpoint(path)
-    own = model.state_dict()
     if meta["model_config"]["width"] != model.config["width"]:
         raise CheckpointError(f"init_from {str(path)!r}: width {meta['model_config']['width']} "
                               f"differs from this model's {model.config['width']}")
+    _copy_fp_weights(model, fp_state, f"init_from {str(path)!r}")
+
+
+def _copy_fp_weights(model, fp_state, source):
+    own = model.state_dict()
     shared = {k: v for k, v in fp_state.items() if k in own}
     missing = [k for k in fp_state if k not in own]
     if missing or not shared:
-        raise CheckpointError(f"init_from {str(path)!r} does not fit this model "
-                              f"(entries it lacks: {missing[:5]})")
+        raise CheckpointError(f"{source} does not fit this model (entries it lacks: {missing[:5]})")
     for k, v in shared.items():
         if own[k].shape != v.shape:
-            raise CheckpointError(f"init_from {str(path)!r}: {k} has shape {v.shape}, "
-                                  f"model expects {own[k].shape}")
+            raise CheckpointError(f"{source}: {k} has shape {v.shape}, model expects {own[k].shape}")
     own.update(shared)
     model.load_state_dict(own)
 

@@ -1,0 +1,141 @@
+"""The fair test of MEC-Quant: every form at matched strength, the standard QAT protocol,
+paired seeds (docs/results.md is written from this module's outputs).
+
+Stages, each a grid of :func:`mecref.experiments.run_grid` cells cached under ``out/<stage>``
+(a rerun trains nothing that is cached; an interrupted study resumes):
+
+1. ``lr``: the QAT learning rate, chosen once for every method on the bundled validation split
+   (LSQ at W2A2, from an FP32 pretraining of the same seed).
+2. ``strength``: every form (exact, Taylor n=4, MOE K = 2, 4, 8) over ONE grid of eps x beta on
+   the bundled validation split (:func:`mecref.experiments.sweep_grid`); each form's best
+   setting by validation accuracy.
+3. ``headline``: the full Fashion-MNIST (55,000 train / 5,000 validation / 10,000 test), the
+   standard protocol (FP32 pretraining per seed, then every method from it), FP32, STE,
+   DoReFa+PACT, LSQ, LSQ+ and every form at its validated setting, W2A2 then W4A4, 5 seeds.
+4. ``placement``: the regulariser also on the inner blocks' pooled outputs (``reg_at="blocks"``)
+   for the best form, W2A2, the same seeds.
+
+``python -m mecref study --out runs/study`` runs them in order (``--stages`` picks some).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .backend import MecrefError
+from .experiments import (_write_json_atomic, best_settings, main_grid, run_grid, summarize,
+                          sweep_grid, write_results)
+
+__all__ = ["PROTOCOL", "LR_GRID", "SEEDS", "STAGES", "lr_grid", "strength_grid", "headline_grid",
+           "placement_grid", "chosen_lr", "chosen_settings", "run_study"]
+
+# The budget every method gets, in both data settings: FP32 pretraining, then QAT.
+PROTOCOL = dict(pretrain_epochs=6, epochs=3)
+LR_GRID = (0.01, 0.03, 0.1)
+SEEDS = (0, 1, 2, 3, 4)
+SWEEP_SEEDS = (0,)
+BUNDLED = dict(dataset="bundled", val_size=2000)
+FULL = dict(dataset="fashion-mnist", val_size=5000)
+HEADLINE_BITS = ((2, 2), (4, 4))
+STAGES = ("lr", "strength", "headline", "placement")
+
+
+def lr_grid() -> list:
+    """LSQ W2A2 on the bundled validation split at each QAT learning rate of LR_GRID."""
+    return [dict(BUNDLED, **PROTOCOL, quantizer="lsq", w_bits=2, a_bits=2, reg=None, lr=lr)
+            for lr in LR_GRID]
+
+
+def chosen_lr(out) -> float:
+    """The learning rate of the ``lr`` stage's row with the best validation accuracy."""
+    rows = [r for r in summarize(Path(out, "lr"), lr_grid()) if r["val_acc_mean"] is not None]
+    if not rows:
+        raise MecrefError(f"no finished run in {Path(out, 'lr')}: run the 'lr' stage first")
+    return float(max(rows, key=lambda r: r["val_acc_mean"])["lr"])
+
+
+def strength_grid(lr: float) -> list:
+    """Every form over the same eps x beta grid, bundled validation split, W2A2."""
+    return sweep_grid(**BUNDLED, **PROTOCOL, lr=lr)
+
+
+def chosen_settings(out, lr: float) -> dict:
+    """Each form's setting with the best validation accuracy in the ``strength`` stage."""
+    return best_settings(summarize(Path(out, "strength"), strength_grid(lr)))
+
+
+def headline_grid(lr: float, settings: dict, bits=HEADLINE_BITS) -> list:
+    """FP32, the four baselines and every form at its validated setting, full data."""
+    return main_grid(bits=bits, settings=settings, lr=lr, **FULL, **PROTOCOL)
+
+
+def placement_grid(lr: float, settings: dict, form: str) -> list:
+    """``form`` at its validated setting with ``reg_at="blocks"``, W2A2, full data."""
+    if form not in settings:
+        raise MecrefError(f"form {form!r} has no validated setting; known: {sorted(settings)}")
+    return [dict(FULL, **PROTOCOL, lr=lr, quantizer="lsq", w_bits=2, a_bits=2,
+                 **dict(settings[form], reg_at="blocks"))]
+
+
+def run_study(out, stages=STAGES, workers: int = 2, progress=True, placement_form=None) -> dict:
+    """Run (or resume) the study's stages in order; returns what each chose or wrote."""
+    out = Path(out)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise MecrefError(f"stages must be among {STAGES}, got {unknown}")
+    done = {}
+
+    def grid(stage, configs, seeds):
+        t0 = time.time()
+        run_grid(configs, list(seeds), out / stage, workers=workers, progress=progress)
+        rows = write_results(out / stage, configs)
+        _log(out, stage, dict(cells=len(configs) * len(seeds), wall_s=time.time() - t0))
+        return rows
+
+    if "lr" in stages:
+        grid("lr", lr_grid(), SWEEP_SEEDS)
+    lr = chosen_lr(out)
+    done["lr"] = lr
+    if "strength" in stages:
+        grid("strength", strength_grid(lr), SWEEP_SEEDS)
+    if not {"headline", "placement"} & set(stages):
+        return done
+    settings = chosen_settings(out, lr)
+    done["settings"] = settings
+    _write_json_atomic(out / "chosen.json", dict(lr=lr, settings=settings))
+    if "headline" in stages:
+        for bits in HEADLINE_BITS:  # W2A2 first: the claim's hardest case
+            grid("headline", headline_grid(lr, settings, bits=[bits]), SEEDS)
+        write_results(out / "headline", headline_grid(lr, settings))
+    if "placement" in stages:
+        form = placement_form or "Taylor n=4"
+        grid("placement", placement_grid(lr, settings, form), SEEDS)
+    return done
+
+
+def _log(out, stage, info):
+    """Append the stage's wall time and machine to ``out/timings.json``."""
+    from .experiments import _cpu_model
+    path = out / "timings.json"
+    log = json.loads(path.read_text()) if path.is_file() else []
+    log.append(dict(info, stage=stage, cpu=_cpu_model(),
+                    finished_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    _write_json_atomic(path, log)
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m mecref.study", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--placement-form", default=None)
+    a = p.parse_args(argv)
+    done = run_study(a.out, a.stages, a.workers, placement_form=a.placement_form)
+    print(json.dumps(done, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
