@@ -571,8 +571,9 @@ _CSV_COLUMNS = ("label", "bits") + _ROW_FIELDS + (
     "sec_per_epoch", "group")
 
 
-def write_results(out_dir, configs=None) -> list:
-    """Write ``results.csv`` and ``results.json`` in ``out_dir``; return the rows.
+def write_results(out_dir, configs=None, stem: str = "results") -> list:
+    """Write ``<stem>.csv`` and ``<stem>.json`` (``results.*`` by default) in ``out_dir``;
+    return the rows.
 
     See :func:`summarize` for the rows. The CSV holds one line per configuration (empty fields
     for None, ``width`` as ``16x32x64``); the JSON holds ``{"rows": rows, "written_at": ...}``.
@@ -585,8 +586,8 @@ def write_results(out_dir, configs=None) -> list:
     w.writerow(_CSV_COLUMNS)
     for row in rows:
         w.writerow([_csv_cell(row[c]) for c in _CSV_COLUMNS])
-    _write_text_atomic(Path(out_dir, "results.csv"), buf.getvalue())
-    _write_json_atomic(Path(out_dir, "results.json"),
+    _write_text_atomic(Path(out_dir, f"{stem}.csv"), buf.getvalue())
+    _write_json_atomic(Path(out_dir, f"{stem}.json"),
                        dict(rows=rows, written_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
     return rows
 

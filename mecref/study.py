@@ -1,8 +1,10 @@
 """The fair test of MEC-Quant: every form at matched strength, the standard QAT protocol,
 paired seeds (docs/results.md is written from this module's outputs).
 
-Stages, each a grid of :func:`mecref.experiments.run_grid` cells cached under ``out/<stage>``
-(a rerun trains nothing that is cached; an interrupted study resumes):
+Stages, each a grid of :func:`mecref.experiments.run_grid` cells, cached under ``out/bundled``
+(the first two) and ``out/full`` (the others), so the stages of one data setting share their
+FP32 pretrainings (a rerun trains nothing that is cached; an interrupted study resumes). Each
+stage writes ``<stage>.csv`` and ``<stage>.json`` (its summary rows) in its folder:
 
 1. ``lr``: the QAT learning rate, chosen once for every method on the bundled validation split
    (LSQ at W2A2, from an FP32 pretraining of the same seed).
@@ -40,6 +42,7 @@ BUNDLED = dict(dataset="bundled", val_size=2000)
 FULL = dict(dataset="fashion-mnist", val_size=5000)
 HEADLINE_BITS = ((2, 2), (4, 4))
 STAGES = ("lr", "strength", "headline", "placement")
+STAGE_DIR = dict(lr="bundled", strength="bundled", headline="full", placement="full")
 
 
 def lr_grid() -> list:
@@ -50,9 +53,9 @@ def lr_grid() -> list:
 
 def chosen_lr(out) -> float:
     """The learning rate of the ``lr`` stage's row with the best validation accuracy."""
-    rows = [r for r in summarize(Path(out, "lr"), lr_grid()) if r["val_acc_mean"] is not None]
+    rows = [r for r in summarize(Path(out, "bundled"), lr_grid()) if r["val_acc_mean"] is not None]
     if not rows:
-        raise MecrefError(f"no finished run in {Path(out, 'lr')}: run the 'lr' stage first")
+        raise MecrefError(f"no finished run in {Path(out, 'bundled')}: run the 'lr' stage first")
     return float(max(rows, key=lambda r: r["val_acc_mean"])["lr"])
 
 
@@ -63,7 +66,7 @@ def strength_grid(lr: float) -> list:
 
 def chosen_settings(out, lr: float) -> dict:
     """Each form's setting with the best validation accuracy in the ``strength`` stage."""
-    return best_settings(summarize(Path(out, "strength"), strength_grid(lr)))
+    return best_settings(summarize(Path(out, "bundled"), strength_grid(lr)))
 
 
 def headline_grid(lr: float, settings: dict, bits=HEADLINE_BITS) -> list:
@@ -89,8 +92,9 @@ def run_study(out, stages=STAGES, workers: int = 2, progress=True, placement_for
 
     def grid(stage, configs, seeds):
         t0 = time.time()
-        run_grid(configs, list(seeds), out / stage, workers=workers, progress=progress)
-        rows = write_results(out / stage, configs)
+        folder = out / STAGE_DIR[stage]
+        run_grid(configs, list(seeds), folder, workers=workers, progress=progress)
+        rows = write_results(folder, configs, stem=stage)
         _log(out, stage, dict(cells=len(configs) * len(seeds), wall_s=time.time() - t0))
         return rows
 
@@ -108,7 +112,7 @@ def run_study(out, stages=STAGES, workers: int = 2, progress=True, placement_for
     if "headline" in stages:
         for bits in HEADLINE_BITS:  # W2A2 first: the claim's hardest case
             grid("headline", headline_grid(lr, settings, bits=[bits]), SEEDS)
-        write_results(out / "headline", headline_grid(lr, settings))
+        write_results(out / "full", headline_grid(lr, settings), stem="headline")
     if "placement" in stages:
         form = placement_form or "Taylor n=4"
         grid("placement", placement_grid(lr, settings, form), SEEDS)

@@ -197,33 +197,37 @@ def test_markdown_table_shows_swept_columns_validation_and_single_seeds(tmp_path
 
 
 def _sweep_rows():
-    """Summary-like rows of a small sweep: val accuracy rises with beta, eps, order, experts."""
+    """Summary-like rows of a small sweep: val accuracy rises with beta and eps."""
     rows = [dict(reg=None, eps=0.5, reg_weight=0.5, order=4, experts=4, bits="W2A2",
                  label="LSQ", val_acc_mean=0.69, val_acc_std=None)]
-    for reg, eps_list in (("mec", (0.25, 0.5)), ("mec_taylor", (8.0, 16.0)), ("moe", (0.25, 0.5))):
+    for reg, k, eps_list in (("mec", 4, (1.0, 2.0)), ("mec_taylor", 4, (8.0, 16.0)),
+                             ("moe", 2, (1.0, 2.0)), ("moe", 4, (1.0, 2.0))):
         for eps in eps_list:
             for b in (0.1, 0.5, 2.0):
-                rows.append(dict(reg=reg, eps=eps, reg_weight=b, order=4, experts=4, bits="W2A2",
-                                 label=reg, val_acc_mean=0.7 + 0.01 * b + 0.001 * eps,
+                rows.append(dict(reg=reg, eps=eps, reg_weight=b, order=4, experts=k, bits="W2A2",
+                                 label=reg, val_acc_mean=0.7 + 0.01 * b + 0.001 * eps + 0.0001 * k,
                                  val_acc_std=0.01))
-    for n in (2, 8):
-        rows.append(dict(rows[-7], reg="mec_taylor", eps=16.0, reg_weight=0.5, order=n,
-                         val_acc_mean=0.7 + 0.002 * n))
     return rows
 
 
-def test_best_settings_choose_by_validation_accuracy():
+def test_best_settings_choose_by_validation_accuracy_per_form():
     best = best_settings(_sweep_rows())
-    assert best == {"mec": dict(reg_weight=2.0, eps=0.5),
-                    "mec_taylor": dict(reg_weight=2.0, eps=16.0, order=4),
-                    "moe": dict(reg_weight=2.0, eps=0.5, experts=4)}
+    assert best == {"exact": dict(reg="mec", reg_weight=2.0, eps=2.0),
+                    "Taylor n=4": dict(reg="mec_taylor", reg_weight=2.0, eps=16.0, order=4),
+                    "MOE K=2": dict(reg="moe", reg_weight=2.0, eps=2.0, experts=2),
+                    "MOE K=4": dict(reg="moe", reg_weight=2.0, eps=2.0, experts=4)}
     grid = main_grid(epochs=1, bits=[(2, 2)], settings=best)
-    assert {(c["reg"], c.get("eps")) for c in grid if c["reg"]} == {
-        ("mec", 0.5), ("mec_taylor", 16.0), ("moe", 0.5)}
+    assert {(c["reg"], c.get("eps"), c.get("experts")) for c in grid if c["reg"]} == {
+        ("mec", 2.0, None), ("mec_taylor", 16.0, None), ("moe", 2.0, 2), ("moe", 2.0, 4),
+        ("moe", 8.0, 8)}  # MOE K=8 had no sweep row: its default setting
+    assert [method_label(c) for c in main_grid(epochs=1, bits=[(2, 2)], settings=best,
+                                               forms=["MOE K=2"])][-1] == "MEC-Quant (MOE K=2)"
     with pytest.raises(MecrefError, match="no regularised sweep row"):
         best_settings(_sweep_rows()[:1])
-    with pytest.raises(MecrefError, match="unknown keys"):
+    with pytest.raises(MecrefError, match="does not read"):
         main_grid(settings={"mec": {"order": 3}})
+    with pytest.raises(MecrefError, match="unknown form"):
+        main_grid(settings={"MOE K=3": {"eps": 1.0}})
 
 
 def test_plot_sweep_writes_an_image(tmp_path):
@@ -238,18 +242,16 @@ def test_plot_sweep_writes_an_image(tmp_path):
 
 def test_main_grid_has_every_method_at_every_bit_width_with_one_budget():
     grid = main_grid(epochs=3, batch_size=64)
-    assert len(grid) == 29
+    assert len(grid) == 1 + 4 * 9
     fulls = [cell_config(c, 0) for c in grid]  # every configuration is valid
-    assert len({group_key(f) for f in fulls}) == 29
+    assert len({group_key(f) for f in fulls}) == len(grid)
     labels = [(f"W{c['w_bits']}A{c['a_bits']}" if c["quantizer"] != "fp32" else "FP32",
                method_label(c)) for c in fulls]
     assert labels[0] == ("FP32", "FP32")
     for bits in ("W4A4", "W3A3", "W2A2", "W2A4"):
         assert [m for b, m in labels if b == bits] == [
             "STE", "DoReFa+PACT", "LSQ", "LSQ+", "MEC-Quant (exact)", "MEC-Quant (Taylor n=4)",
-            "MEC-Quant (MOE K=4)"]
-    w2a4 = [f for f in fulls if f["w_bits"] == 2 and f["a_bits"] == 4]
-    assert len(w2a4) == 7
+            "MEC-Quant (MOE K=2)", "MEC-Quant (MOE K=4)", "MEC-Quant (MOE K=8)"]
     budget = {(f["epochs"], f["batch_size"], f["lr"], f["warmup_epochs"], f["val_size"]) for f in fulls}
     assert budget == {(3, 64, fulls[0]["lr"], fulls[0]["warmup_epochs"], 0)}
     lsq = next(f for f in fulls if f["quantizer"] == "lsq" and f["reg"] is None)
@@ -258,20 +260,21 @@ def test_main_grid_has_every_method_at_every_bit_width_with_one_budget():
     assert {k for k in lsq if lsq[k] != mec[k]} == {"reg"}  # the regulariser is the only change
 
 
-def test_sweep_grid_holds_out_validation_and_covers_the_product():
-    assert len(sweep_grid()) == 32 and taylor_eps() == 16.0
-    grid = sweep_grid(epochs=2, reg_weights=(0.1, 1.0), eps_values=(0.5, 1.0, 2.0), orders=(2, 4),
-                      experts=(2,), width=(4, 8, 16))
+def test_sweep_grid_gives_every_form_one_strength_grid():
+    assert len(sweep_grid()) == 82 and taylor_eps() == 8.0
+    forms = [{"reg": "mec"}, {"reg": "mec_taylor", "order": 4}, {"reg": "moe", "experts": 2}]
+    grid = sweep_grid(epochs=2, reg_weights=(0.1, 1.0), eps_values=(1.0, 2.0, 4.0, 8.0),
+                      forms=forms, width=(4, 8, 16))
     fulls = [cell_config(c, 0) for c in grid]
-    assert len({group_key(f) for f in fulls}) == len(fulls) == 1 + 2 * 3 * 3 + 1 + 1
+    assert len({group_key(f) for f in fulls}) == len(fulls) == 1 + 2 * 4 + 2 * 2 + 2 * 4
     assert all(f["val_size"] == 2000 and (f["w_bits"], f["a_bits"]) == (2, 2) for f in fulls)
     assert all(f["epochs"] == 2 and f["width"] == [4, 8, 16] for f in fulls)
-    mec = {(f["reg_weight"], f["eps"]) for f in fulls if f["reg"] == "mec"}
-    assert mec == {(b, e) for b in (0.1, 1.0) for e in (0.5, 1.0, 2.0)}
-    taylor = {(f["reg_weight"], f["eps"], f["order"]) for f in fulls if f["reg"] == "mec_taylor"}
-    # Taylor eps defaults to 2 sqrt(d) / (4, 2, 1) with d = 16: the series converges for eps > 4
-    assert taylor == {(b, e, 4) for b in (0.1, 1.0) for e in (2.0, 4.0, 8.0)} | {(0.1, 4.0, 2)}
-    assert {f["experts"] for f in fulls if f["reg"] == "moe"} == {2, 4}
+    grid_of = {reg: {(f["reg_weight"], f["eps"]) for f in fulls if f["reg"] == reg}
+               for reg in ("mec", "mec_taylor", "moe")}
+    product = {(b, e) for b in (0.1, 1.0) for e in (1.0, 2.0, 4.0, 8.0)}
+    assert grid_of["mec"] == grid_of["moe"] == product
+    # the Taylor series is defined for eps >= sqrt(d) = 4 with d = 16
+    assert grid_of["mec_taylor"] == {(b, e) for b, e in product if e >= 4.0}
     with pytest.raises(MecrefError, match="val_size"):
         sweep_grid(val_size=0)
     with pytest.raises(MecrefError, match="eps_values"):
@@ -285,7 +288,7 @@ def test_cli_table_dry_run_lists_the_main_grid(tmp_path, capsys):
     assert main(["table", "--grid", "main", "--out", str(tmp_path), "--seeds", "0", "1",
                  "--epochs", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "58 cells: 0 cached, 58 to run"
+    assert out[-1] == "74 cells: 0 cached, 74 to run"
     assert any("W2A4 MEC-Quant (MOE K=4) seed 1" in line for line in out)
     assert main(["table", "--grid", "sweep", "--out", str(tmp_path), "--bits", "W2A2"]) == 2
 
@@ -294,21 +297,24 @@ def test_cli_sweep_runs_a_tiny_sweep_end_to_end(tmp_path, capsys):
     from mecref.cli import main
     sweep = tmp_path / "sweep"
     argv = ["sweep", "--out", str(sweep), "--epochs", "1", "--train-limit", "128",
-            "--batch-size", "32", "--width", "4", "8", "8", "--val-size", "200",
-            "--reg-weights", "0.5", "--eps-values", "1.0", "--taylor-eps-values", "8",
-            "--orders", "4", "--experts", "4", "--workers", "1", "--quiet"]
+            "--batch-size", "32", "--width", "4", "8", "9", "--val-size", "200",
+            "--reg-weights", "0.5", "--eps-values", "1.0", "3.0", "--orders", "4",
+            "--experts", "4", "--workers", "1", "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| W2A2 | MEC-Quant (Taylor n=4) |" in out and "val acc (%)" in out
-    assert "best mec by validation accuracy: reg_weight=0.5 eps=1" in out
-    assert (sweep / "sweep.png").is_file() and (sweep / "results.csv").is_file()
     rows = json.loads((sweep / "results.json").read_text())["rows"]
-    assert len(rows) == 4 and all(r["val_acc_mean"] is not None for r in rows)
-    assert json.loads((sweep / "best_settings.json").read_text())["mec_taylor"] == dict(
-        reg_weight=0.5, eps=8.0, order=4)
+    # LSQ; exact and MOE at eps 1 and 3; Taylor only at 3 (sqrt(9) = 3 is its smallest eps)
+    assert len(rows) == 6 and all(r["val_acc_mean"] is not None for r in rows)
+    best = json.loads((sweep / "best_settings.json").read_text())
+    assert best["Taylor n=4"] == dict(reg="mec_taylor", reg_weight=0.5, eps=3.0, order=4)
+    exact = max((r for r in rows if r["reg"] == "mec"), key=lambda r: r["val_acc_mean"])
+    assert f"best exact by validation accuracy: reg=mec reg_weight=0.5 eps={exact['eps']:g}" in out
+    assert (sweep / "sweep.png").is_file() and (sweep / "results.csv").is_file()
     # the main grid takes its MEC-Quant settings from the sweep
     assert main(["table", "--out", str(tmp_path / "main"), "--from-sweep", str(sweep),
-                 "--seeds", "0", "--dry-run"]) == 0
+                 "--seeds", "0", "--dry-run", "--width", "4", "8", "9"]) == 0
     out = capsys.readouterr().out
-    assert '"mec_taylor": {"reg_weight": 0.5, "eps": 8.0, "order": 4}' in out
-    assert settings_from_sweep(sweep, {"mec": {"eps": 2.0}})["mec"] == dict(reg_weight=0.5, eps=2.0)
+    assert '"Taylor n=4": {"reg": "mec_taylor", "reg_weight": 0.5, "eps": 3.0, "order": 4}' in out
+    assert settings_from_sweep(sweep, {"exact": {"eps": 2.0}})["exact"] == dict(
+        reg="mec", reg_weight=0.5, eps=2.0)
