@@ -518,3 +518,38 @@ def test_small_cnn_on_backend_matches_numpy(backend, quantizer, bits, rng):
     for (name, layer, key), (_, dlayer, dkey) in zip(ref.named_params(), dev.named_params()):
         np.testing.assert_allclose(to_host(dlayer.grads[dkey]), layer.grads[key],
                                    rtol=2e-2, atol=2e-3, err_msg=name)
+
+
+def test_small_cnn_taps_add_their_gradient_at_the_tapped_outputs(rng):
+    """A loss that also reads inner outputs directly (derivations T3): every param gradient
+    of CE + sum(R_f * features) + sum(R_1 * pool1) + sum(R_2 * pool2) against float64 central
+    differences; the taps are the very arrays the next layers read."""
+    model = nn.small_cnn(width=(2, 3, 4), num_classes=3, seed=5).astype(np.float64)
+    x = rng.standard_normal((2, 1, 8, 8))
+    y = np.array([0, 2])
+    logits, feats, taps = model.forward(x, train=True, taps=("pool1", "pool2"))
+    R = {k: rng.standard_normal(v.shape) for k, v in taps.items()}
+    Rf = rng.standard_normal(feats.shape)
+
+    def loss():
+        lg, f, t = model.forward(x, train=True, taps=("pool1", "pool2"))
+        return (float(softmax_cross_entropy(lg, y)[0]) + float(np.sum(Rf * f))
+                + sum(float(np.sum(R[k] * t[k])) for k in R))
+
+    assert taps["pool1"].shape == (2, 2, 4, 4) and taps["pool2"].shape == (2, 3, 2, 2)
+    logits, feats, taps = model.forward(x, train=True, taps=("pool1", "pool2"))
+    _, cache = softmax_cross_entropy(logits, y)
+    model.backward(softmax_cross_entropy_backward(cache), Rf, dtaps=R)
+    grads = {name: layer.grads[key].copy() for name, layer, key in model.named_params()}
+    for name, layer, key in model.named_params():
+        np.testing.assert_allclose(grads[name], num_grad(loss, layer.params[key]),
+                                   rtol=1e-5, atol=1e-8, err_msg=name)
+    # without the taps' gradients the conv1 gradient is a different one
+    model.forward(x, train=True)
+    model.backward(softmax_cross_entropy_backward(cache), Rf)
+    assert not np.allclose(model.layers[0].grads["W"], grads["conv1.W"])
+    with pytest.raises(MecrefError, match="taps must name"):
+        model.forward(x, taps=("fc",))
+    with pytest.raises(MecrefError, match="dtaps\\['pool1'\\] must have the shape"):
+        model.forward(x, train=True, taps=("pool1",))
+        model.backward(softmax_cross_entropy_backward(cache), None, dtaps={"pool1": R["pool2"]})
