@@ -70,8 +70,12 @@ def chosen_settings(out, lr: float) -> dict:
 
 
 def headline_grid(lr: float, settings: dict, bits=HEADLINE_BITS) -> list:
-    """FP32, the four baselines and every form at its validated setting, full data."""
-    return main_grid(bits=bits, settings=settings, lr=lr, **FULL, **PROTOCOL)
+    """FP32, the four baselines and every form at its validated setting, full data; in the
+    order they are run: LSQ and the forms first (the comparison the study is for), then
+    FP32 and the other baselines."""
+    configs = main_grid(bits=bits, settings=settings, lr=lr, **FULL, **PROTOCOL)
+    first = [c for c in configs if c["quantizer"] == "lsq"]
+    return first + [c for c in configs if c["quantizer"] != "lsq"]
 
 
 def placement_grid(lr: float, settings: dict, form: str) -> list:
@@ -109,13 +113,14 @@ def run_study(out, stages=STAGES, workers: int = 2, progress=True, placement_for
     settings = chosen_settings(out, lr)
     done["settings"] = settings
     _write_json_atomic(out / "chosen.json", dict(lr=lr, settings=settings))
-    if "headline" in stages:
-        for bits in HEADLINE_BITS:  # W2A2 first: the claim's hardest case
+    # W2A2 first (the claim's hardest case), then the placement ablation, then W4A4
+    for i, bits in enumerate(HEADLINE_BITS):
+        if "headline" in stages:
             grid("headline", headline_grid(lr, settings, bits=[bits]), SEEDS)
-        write_results(out / "full", headline_grid(lr, settings), stem="headline")
-    if "placement" in stages:
-        form = placement_form or "Taylor n=4"
-        grid("placement", placement_grid(lr, settings, form), SEEDS)
+            write_results(out / "full", headline_grid(lr, settings), stem="headline")
+        if i == 0 and "placement" in stages:
+            form = placement_form or "Taylor n=4"
+            grid("placement", placement_grid(lr, settings, form), SEEDS)
     return done
 
 
