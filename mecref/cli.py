@@ -25,10 +25,11 @@ def _add_train(sub):
                        description="Train the small CNN on the bundled Fashion-MNIST subset (or a "
                        "full IDX dataset) with quantization-aware training and the MEC-Quant "
                        "regulariser; prints a progress line per epoch and a summary table.")
-    p.add_argument("--quantizer", choices=QUANTIZERS, default=d.quantizer,
-                   help="fake quantizer: fp32 (none), ste (fixed ranges, straight-through), "
-                        "dorefa_pact (DoReFa weights, PACT activations), lsq (learned step), "
-                        "lsqplus (learned step and offset) (default: %(default)s)")
+    from . import schemes
+    p.add_argument("--quantizer", choices=list(QUANTIZERS), default=d.quantizer,
+                   help="fake quantizer: fp32 (none); "
+                        + "; ".join(f"{q.name}: {q.help}" for q in schemes.REGISTRY.values())
+                        + " (default: %(default)s)")
     p.add_argument("--w-bits", type=int, default=d.w_bits, help="weight bits of the inner layers, 1..8 (default: %(default)s)")
     p.add_argument("--a-bits", type=int, default=d.a_bits, help="activation bits of the inner layers, 1..8 (default: %(default)s)")
     p.add_argument("--first-last-bits", type=int, default=d.first_last_bits,
@@ -150,6 +151,9 @@ def _add_table(sub):
     p.add_argument("--bits", type=_bits_pair, nargs="+", default=None,
                    help="bit-widths of the main grid, e.g. W4A4 W2A2 (default: W4A4 W3A3 W2A2 W2A4)")
     _add_settings(p)
+    p.add_argument("--forms", nargs="+", default=None, metavar="FORM",
+                   help='MEC-Quant forms of the main grid, by label (e.g. exact "Taylor n=4" "MOE K=4"; '
+                        "default: all of mecref.experiments.FORMS)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and which are cached; train nothing")
     p.set_defaults(func=_run_table)
 
@@ -178,10 +182,10 @@ def _run_table(args):
     from .experiments import run_table
     kw = dict(epochs=args.epochs, **_grid_common(args))
     if args.grid == "main":
-        kw.update({k: v for k, v in dict(bits=args.bits, settings=args.settings).items()
-                   if v is not None})
-    elif args.bits or args.settings or args.from_sweep:
-        raise MecrefError("--bits, --settings and --from-sweep belong to --grid main; "
+        kw.update({k: v for k, v in dict(bits=args.bits, settings=args.settings,
+                                         forms=args.forms).items() if v is not None})
+    elif args.bits or args.settings or args.from_sweep or args.forms:
+        raise MecrefError("--bits, --settings, --forms and --from-sweep belong to --grid main; "
                           "`mecref sweep --help` lists the sweep's options")
     print(run_table(args.grid, args.seeds, args.out, workers=args.workers,
                     progress=not args.quiet, dry_run=args.dry_run, from_sweep=args.from_sweep, **kw))

@@ -61,15 +61,23 @@ from .checkpoint import write_atomic
 from .validate import check_int
 
 __all__ = [
-    "QUANTIZER_NAMES", "cell_config", "cell_key", "group_key", "method_label", "bits_label",
+    "quantizer_label", "cell_config", "cell_key", "group_key", "method_label", "bits_label",
     "run_grid", "load_runs", "summarize", "write_results", "markdown_table", "main_grid",
     "sweep_grid", "best_row", "best_settings", "settings_from_sweep", "default_settings", "taylor_eps", "plot_sweep",
     "run_table", "model_from_checkpoint", "MAIN_BITS", "FORMS", "EPS_GRID", "BETA_GRID",
     "form_label", "form_spec", "pretrain_cell",
 ]
 
-QUANTIZER_NAMES = {"fp32": "FP32", "ste": "STE", "dorefa_pact": "DoReFa+PACT", "lsq": "LSQ",
-                   "lsqplus": "LSQ+"}
+
+
+def quantizer_label(name) -> str:
+    """``"FP32"`` or a registered scheme's label (``"LSQ"``, ``"DoReFa+PACT"``, ...)."""
+    from . import schemes
+    if name == "fp32":
+        return "FP32"
+    return schemes.REGISTRY[name].label if name in schemes.REGISTRY else str(name)
+
+
 MAIN_BITS = ((4, 4), (3, 3), (2, 2), (2, 4))  # (weight bits, activation bits)
 _KEY_DIGITS = 16
 _WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -158,7 +166,7 @@ def method_label(config: dict) -> str:
     quantizer reads ``"STE + MEC (exact)"`` and so on.
     """
     from . import regularizers
-    q = QUANTIZER_NAMES.get(config.get("quantizer"), str(config.get("quantizer")))
+    q = quantizer_label(config.get("quantizer"))
     reg = config.get("reg")
     if reg is None or config.get("reg_weight") == 0:
         return q
@@ -744,7 +752,8 @@ def _merge_settings(settings, width):
         if key in regularizers.REGISTRY:
             base = next((s for s in merged.values() if s["reg"] == key), {"reg": key})
             spec = _full_form(dict(base, **values, reg=key))
-            merged = {k: v for k, v in merged.items() if v is not base}
+            if form_label(spec) != form_label(base):  # a new form: drop the default one
+                merged = {k: v for k, v in merged.items() if v is not base}
         elif key in merged:
             spec = _full_form(dict(merged[key], **values))
         else:
@@ -758,7 +767,8 @@ def main_grid(epochs: int = 6, bits=MAIN_BITS, settings=None, forms=None, **comm
     """The main table's configurations: every method at every bit-width, one shared budget.
 
     FP32; then for each ``(w_bits, a_bits)`` in ``bits`` (W4A4, W3A3, W2A2, W2A4 by default):
-    STE, DoReFa+PACT, LSQ, LSQ+, and MEC-Quant = LSQ + the regulariser in each form.
+    every registered scheme (STE, DoReFa+PACT, LSQ, LSQ+), and MEC-Quant = LSQ + the
+    regulariser in each form.
 
     Every configuration gets the same ``epochs`` and ``common`` TrainConfig fields (batch size,
     schedule, data, ``pretrain_epochs`` for the standard protocol, ...), and the training loop
@@ -778,6 +788,7 @@ def main_grid(epochs: int = 6, bits=MAIN_BITS, settings=None, forms=None, **comm
     -------
     list of dict, each without ``seed``.
     """
+    from . import schemes
     check_int("epochs", epochs, 1)
     base = dict(common, epochs=int(epochs))
     specs = _merge_settings(settings, common.get("width"))
@@ -789,8 +800,7 @@ def main_grid(epochs: int = 6, bits=MAIN_BITS, settings=None, forms=None, **comm
     configs = [dict(base, quantizer="fp32", reg=None)]
     for w, a in _check_bits_list(bits):
         q = dict(base, w_bits=w, a_bits=a)
-        configs += [dict(q, quantizer=name, reg=None)
-                    for name in ("ste", "dorefa_pact", "lsq", "lsqplus")]
+        configs += [dict(q, quantizer=name, reg=None) for name in schemes.names()]
         configs += [dict(q, quantizer="lsq", **spec) for spec in specs.values()]
     return configs
 

@@ -153,63 +153,38 @@ def _fixed_point(m, c, bound, terms=1):
 
 # ============================================================================ quantizers of a layer
 def _act_quantizer(layer):
-    """The input quantizer of a quantized layer as ``dict(kind, bits, signed, Qn, Qp, s, beta)``;
-    ``s`` and ``beta`` are float32 arrays shaped as the layer uses them (X2)."""
-    bits, signed = layer.a_bits, layer.a_signed
+    """The input quantizer of a quantized layer as ``dict(kind, bits, signed, Qn, Qp, s, beta,
+    arrays)``: ``kind`` the quantizer's name, ``s`` and ``beta`` float32 arrays shaped as the
+    layer uses them (X2), from the quantizer's own ``grid`` (:mod:`mecref.schemes`)."""
+    bits, signed, aq = layer.a_bits, layer.a_signed, layer.a_quant
     Qn, Qp = quant.qrange(bits, signed)
-    p = {k: np.asarray(to_host(v)) for k, v in layer.params.items()}
-    kind = layer.scheme                    # N9: PACT is unsigned, so a signed input of a
-    if kind == "dorefa_pact":              # "dorefa_pact" layer uses the STE range quantizer
-        kind = "ste" if signed else "pact"
-    q = dict(kind=kind, bits=bits, signed=signed, Qn=Qn, Qp=Qp)
-    if kind == "ste":
-        a_max = np.asarray(to_host(layer.buffers["a_max"]))
-        q["s"] = np.maximum(a_max, np.finfo(np.float32).tiny) / Qp
-        q["beta"] = np.zeros_like(q["s"])
-    elif kind == "pact":
-        q["alpha"] = p["alpha"]
-        q["s"] = p["alpha"] / np.float32(Qp)
-        q["beta"] = np.zeros_like(q["s"])
-    else:
-        q["s"] = p["s_a"]
-        q["beta"] = p["beta_a"] if kind == "lsqplus" else np.zeros_like(p["s_a"])
-    return q
+    arrays = {k: np.asarray(to_host(v)) for k, v in layer._arrays(aq).items()}
+    s, beta = aq.grid(arrays, np.zeros(1, np.float32), bits, signed)
+    s = np.asarray(s, np.float32)
+    beta = np.zeros_like(s) if beta is None else np.asarray(beta, np.float32)
+    return dict(kind=aq.name, bits=bits, signed=signed, Qn=Qn, Qp=Qp, s=s, beta=beta,
+                quantizer=aq, arrays=arrays)
 
 
 def _act_codes(q, x):
-    """Integer codes the fake quantizer gives float32 ``x``, through :mod:`mecref.quant`
-    exactly as the layer runs it: ``code = (q(x) - beta) / s`` (an integer up to rounding)."""
-    if q["kind"] == "pact":
-        y, _ = quant.pact_quantize(x, q["alpha"], q["bits"])
-    elif q["kind"] == "lsqplus":
-        y, _ = quant.lsqplus_quantize(x, q["s"], q["beta"], q["bits"], signed=q["signed"])
-    elif q["kind"] == "lsq":
-        y, _ = quant.lsq_quantize(x, q["s"], q["bits"], signed=q["signed"])
-    else:
-        y, _ = quant.ste_quantize(x, q["s"], q["bits"], signed=q["signed"])
+    """Integer codes the fake quantizer gives float32 ``x``, through its own forward (eval
+    mode) exactly as the layer runs it: ``code = (q(x) - beta) / s`` (an integer up to
+    rounding)."""
+    y, _ = q["quantizer"].forward(x, {k: v.copy() for k, v in q["arrays"].items()}, q["bits"],
+                                  q["signed"], False)
     return np.rint((y - q["beta"]) / q["s"]).astype(np.int64)
 
 
 def _weight_codes(layer):
     """Weight codes ``Wc`` (int) and per-output-channel scales ``sw`` (F,) float64 with
-    ``q_w(W) = sw Wc`` (X3), from the layer's own quantizer rule."""
+    ``q_w(W) = sw Wc`` (X3), from the layer's own quantizer: its forward and its grid."""
     W = np.asarray(to_host(layer.params["W"]))
-    F, bits = W.shape[0], layer.w_bits
-    axes = tuple(range(1, W.ndim))
+    F, bits, wq = W.shape[0], layer.w_bits, layer.w_quant
     shape = (F,) + (1,) * (W.ndim - 1)
-    if layer.scheme == "ste":
-        _, Qp = quant.qrange(bits, True)
-        s = np.maximum(np.abs(W).max(axis=axes, keepdims=True), np.finfo(W.dtype).tiny) / Qp
-        Wq, _ = quant.ste_quantize(W, s, bits, signed=True)
-    elif layer.scheme == "dorefa_pact":
-        Wq, _ = quant.dorefa_weight_quantize(W, bits)
-        # bits >= 2: levels (2k - Qp) / Qp, codes 2k - Qp in [-Qp, Qp]; bits = 1: E sign(w)
-        scale = np.abs(W).mean() if bits == 1 else 1.0 / (2 ** bits - 1)
-        s = np.full(shape, scale, dtype=np.float64)
-    else:
-        s = np.asarray(to_host(layer.params["s_w"]))
-        Wq, _ = quant.lsq_quantize(W, s, bits, signed=True)
-    s = np.asarray(s, np.float64).reshape(shape)
+    arrays = {k: np.asarray(to_host(v)) for k, v in layer._arrays(wq).items()}
+    Wq, _ = wq.forward(W, arrays, bits, True, False)
+    s, _ = wq.grid(arrays, W, bits, True)
+    s = np.broadcast_to(np.asarray(s, np.float64), shape).reshape(shape)
     Wc = np.rint(Wq / s)
     if np.abs(Wq / s - Wc).max() > 1e-3:     # float32 levels sit within ~1e-5 code of the grid
         raise ExportError(f"weights of {type(layer).__name__} are not on the grid of their scale")

@@ -25,7 +25,7 @@ Large temporaries that never leave a layer (im2col columns, padded inputs, masks
 per-layer workspaces that are reused across steps; arrays a layer returns are always fresh.
 
 Quantized layers (:class:`QuantConv2d`, :class:`QuantLinear`) fake-quantize their weight and
-their input activation with one of :data:`SCHEMES` (section N9); :func:`small_cnn` builds the
+their input activation with one of :func:`mecref.schemes.names` (section N9); :func:`small_cnn` builds the
 network of the experiments (section N10).
 """
 from __future__ import annotations
@@ -35,20 +35,18 @@ import numbers
 
 import numpy as np
 
-from . import quant
+from . import schemes
 from .backend import MecrefError, array_module, get_xp, to_host
 from .threads import over_channels
 from .validate import check_array, check_choice, check_int
 
 __all__ = [
-    "SCHEMES", "Layer", "Conv2d", "Linear", "ReLU", "MaxPool2d", "BatchNorm2d",
+    "Layer", "Conv2d", "Linear", "ReLU", "MaxPool2d", "BatchNorm2d",
     "GlobalAvgPool2d", "Flatten", "Sequential", "QuantConv2d", "QuantLinear",
     "SmallCNN", "small_cnn", "im2col", "col2im",
 ]
 
-SCHEMES = ("ste", "dorefa_pact", "lsq", "lsqplus")
 FULL_PRECISION = 32          # bits = 32: no quantizer at all
-STE_EMA_MOMENTUM = 0.1       # EMA of the batch max that sets the STE activation step
 
 
 def _float32(xp, a):
@@ -663,162 +661,98 @@ class _FakeQuant:
     """Weight and input fake quantization of one layer (derivations N9).
 
     Mixed into :class:`QuantConv2d` and :class:`QuantLinear`; its params and buffers live in
-    the layer's own dicts. Weights are signed and, unless said, per output channel; input
-    activations per tensor:
+    the layer's own dicts. The scheme (a record of :mod:`mecref.schemes`) names the weight
+    quantizer and the input quantizer; this class only holds their arrays, runs their
+    data-driven initialisation at the first forward (buffer ``ready`` flips to 1 and travels
+    with the state dict, so a loaded model is not re-initialised) and calls their pairs:
 
     - ``"ste"``: weights ``s = max|w| / Qp`` recomputed each forward, held constant in the
       backward; inputs ``s = a_max / Qp`` with ``a_max`` an EMA of the batch max (a buffer).
     - ``"dorefa_pact"``: DoReFa weights (per tensor); PACT inputs with a learnable ``alpha``
       (signed inputs, which PACT cannot clip, use the ``"ste"`` input quantizer).
-    - ``"lsq"``: LSQ weights (learnable ``s_w``) and inputs (learnable ``s_a``).
+    - ``"lsq"``: LSQ weights (learnable ``s_w``, per output channel) and inputs (``s_a``).
     - ``"lsqplus"``: LSQ+ weights (symmetric, i.e. LSQ's quantizer with LSQ+'s initial step)
       and LSQ+ inputs (learnable ``s_a`` and offset ``beta_a``).
-
-    Data-driven initial values are set at the layer's first forward (buffer ``ready`` flips
-    to 1 and travels with the state dict, so a loaded model is not re-initialised).
     """
 
     def _setup_quant(self, scheme, w_bits, a_bits, a_signed, a_shape):
-        self.scheme = check_choice("scheme", scheme, SCHEMES)
+        self.scheme = check_choice("scheme", scheme, schemes.names())
         self.w_bits = _check_qbits("w_bits", w_bits)
         self.a_bits = _check_qbits("a_bits", a_bits)
         if not isinstance(a_signed, (bool, np.bool_)):
             raise TypeError(f"a_signed must be a bool, got {type(a_signed).__name__} {a_signed!r}")
         self.a_signed = bool(a_signed)
+        rec = schemes.get(scheme)
+        self.w_quant = rec.weight if self.w_bits != FULL_PRECISION else None
+        self.a_quant = rec.act_for(self.a_signed) if self.a_bits != FULL_PRECISION else None
         W = self.params["W"]
         xp = array_module(W)
         w_shape = (W.shape[0],) + (1,) * (W.ndim - 1)          # per output channel
-        new = {}
-        if self.w_bits != FULL_PRECISION and scheme in ("lsq", "lsqplus"):
-            new["s_w"] = xp.ones(w_shape, dtype=np.float32)
-        if self.a_bits != FULL_PRECISION:
-            kind = self._act_kind()
-            if kind == "ste":
-                self.buffers["a_max"] = xp.ones(a_shape, dtype=np.float32)
-            elif kind == "pact":
-                new["alpha"] = xp.ones(a_shape, dtype=np.float32)
-            else:
-                new["s_a"] = xp.ones(a_shape, dtype=np.float32)
-                if kind == "lsqplus":
-                    new["beta_a"] = xp.zeros(a_shape, dtype=np.float32)
-        if self.w_bits != FULL_PRECISION or self.a_bits != FULL_PRECISION:
+        for q in (self.w_quant, self.a_quant):
+            if q is None:
+                continue
+            for prm in q.params:
+                shape = w_shape if prm.per_channel else a_shape
+                self.params[prm.name] = xp.full(shape, prm.init, dtype=np.float32)
+                if not prm.decay:
+                    self.no_decay.add(prm.name)
+                if prm.positive:
+                    self.positive.add(prm.name)
+            for name in q.buffers:
+                self.buffers[name] = xp.ones(a_shape, dtype=np.float32)
+        if self.w_quant is not None or self.a_quant is not None:
             self.buffers["ready"] = xp.zeros((), dtype=np.float32)
-        self.params.update(new)
-        self.no_decay |= set(new)
-        self.positive |= set(new) - {"beta_a"}
         self._qcache = None
 
-    def _act_kind(self):
-        """The activation quantizer: PACT is unsigned only, so signed inputs (the first layer)
-        of a "dorefa_pact" layer use the STE range quantizer (N9)."""
-        if self.scheme == "dorefa_pact":
-            return "ste" if self.a_signed else "pact"
-        return self.scheme
+    def _arrays(self, q):
+        """A quantizer's params and buffers by name (the layer's own arrays)."""
+        names = [p.name for p in q.params] + list(q.buffers)
+        return {k: self.params[k] if k in self.params else self.buffers[k] for k in names}
 
-    # --- data-driven initial values (first forward) ---------------------------------------
     def _init_quant(self, x):
-        W = self.params["W"]
-        if "s_w" in self.params:
-            if self.scheme == "lsq":
-                s = quant.lsq_init_step(W, self.w_bits, signed=True, per_channel=True)
-            else:
-                s, _ = quant.lsqplus_init(W, self.w_bits, signed=True, per_channel=True)
-            self.params["s_w"][...] = s.reshape(self.params["s_w"].shape)
-        if self.a_bits != FULL_PRECISION:
-            kind = self._act_kind()
-            if kind == "ste":
-                self.buffers["a_max"][...] = self._batch_max(x)
-            elif kind == "pact":      # the same initial grid as LSQ: alpha = Qp * s0
-                _, Qp = quant.qrange(self.a_bits, False)
-                self.params["alpha"][...] = Qp * quant.lsq_init_step(x, self.a_bits, signed=False)
-            elif kind == "lsq":
-                self.params["s_a"][...] = quant.lsq_init_step(x, self.a_bits, signed=self.a_signed)
-            else:
-                s, beta = quant.lsqplus_init(x, self.a_bits, signed=self.a_signed)
-                self.params["s_a"][...] = s
-                self.params["beta_a"][...] = beta
+        """Data-driven initial values: the weight quantizer's from W, the input's from x."""
+        if self.w_quant is not None and self.w_quant.init is not None:
+            W = self.params["W"]
+            self.w_quant.init(self._arrays(self.w_quant), W, self.w_bits, True)
+        if self.a_quant is not None and self.a_quant.init is not None:
+            self.a_quant.init(self._arrays(self.a_quant), x, self.a_bits, self.a_signed)
         self.buffers["ready"][...] = 1
 
-    def _batch_max(self, x):
-        xp = array_module(x)
-        return (xp.abs(x) if self.a_signed else x).max()
-
-    # --- weights ---------------------------------------------------------------------------
-    def _quant_w(self, W):
+    def _quant_w(self, W, train=True):
         """Fake-quantized weight and what its backward needs."""
-        if self.w_bits == FULL_PRECISION:
+        if self.w_quant is None:
             return W, None
-        xp = array_module(W)
-        bits = self.w_bits
-        if self.scheme == "ste":
-            _, Qp = quant.qrange(bits, True)
-            axes = tuple(range(1, W.ndim))
-            s = xp.maximum(xp.abs(W).max(axis=axes, keepdims=True), np.finfo(W.dtype).tiny) / Qp
-            return quant.ste_quantize(W, s, bits, signed=True)
-        if self.scheme == "dorefa_pact":
-            return quant.dorefa_weight_quantize(W, bits)
-        # lsq and lsqplus: LSQ+ keeps weights symmetric (beta = 0), which is LSQ's quantizer
-        return quant.lsq_quantize(W, self.params["s_w"], bits, signed=True)
+        return self.w_quant.forward(W, self._arrays(self.w_quant), self.w_bits, True, train)
 
     def _quant_w_backward(self, cache, dWq):
-        if self.w_bits == FULL_PRECISION:
+        if self.w_quant is None:
             return dWq
-        if self.scheme == "ste":
-            return quant.ste_quantize_backward(cache, dWq)
-        if self.scheme == "dorefa_pact":
-            return quant.dorefa_weight_quantize_backward(cache, dWq)
-        dW, self.grads["s_w"] = quant.lsq_quantize_backward(cache, dWq)
+        dW, grads = self.w_quant.backward(cache, dWq)
+        self.grads.update(grads)
         return dW
 
-    # --- input activations ----------------------------------------------------------------
     def _quant_x(self, x, train):
-        if self.a_bits == FULL_PRECISION:
+        if self.a_quant is None:
             return x, None
-        bits, signed = self.a_bits, self.a_signed
-        kind = self._act_kind()
-        if kind == "ste":
-            a_max = self.buffers["a_max"]
-            if train:
-                r = STE_EMA_MOMENTUM
-                a_max *= 1 - r
-                a_max += r * self._batch_max(x)
-            _, Qp = quant.qrange(bits, signed)
-            s = array_module(x).maximum(a_max, np.finfo(x.dtype).tiny) / Qp
-            return quant.ste_quantize(x, s, bits, signed=signed)
-        if kind == "pact":
-            return quant.pact_quantize(x, self.params["alpha"], bits)
-        # LSQ's gradient scale counts the features of one sample: g = 1/sqrt(N_feat Qp)
-        _, Qp = quant.qrange(bits, signed)
-        g = 1.0 / math.sqrt((x.size // x.shape[0]) * Qp)
-        if kind == "lsq":
-            return quant.lsq_quantize(x, self.params["s_a"], bits, signed=signed, grad_scale=g)
-        return quant.lsqplus_quantize(x, self.params["s_a"], self.params["beta_a"], bits,
-                                      signed=signed, grad_scale=g)
+        return self.a_quant.forward(x, self._arrays(self.a_quant), self.a_bits, self.a_signed, train)
 
     def _quant_x_backward(self, cache, dxq):
-        if self.a_bits == FULL_PRECISION:
+        if self.a_quant is None:
             return dxq
-        kind = self._act_kind()
-        if kind == "ste":
-            return quant.ste_quantize_backward(cache, dxq)
-        if kind == "pact":
-            dx, self.grads["alpha"] = quant.pact_quantize_backward(cache, dxq)
-        elif kind == "lsq":
-            dx, self.grads["s_a"] = quant.lsq_quantize_backward(cache, dxq)
-        else:
-            dx, self.grads["s_a"], self.grads["beta_a"] = quant.lsqplus_quantize_backward(cache, dxq)
+        dx, grads = self.a_quant.backward(cache, dxq)
+        self.grads.update(grads)
         return dx
 
     def _learns_from_input(self):
         """True when the input quantizer has a learnable param (it needs dx to get its grad)."""
-        return any(k in self.params for k in ("alpha", "s_a", "beta_a"))
+        return self.a_quant is not None and bool(self.a_quant.params)
 
     def _quant_forward(self, x, train, core):
         """Quantize x and W, run the layer's core, cache the quantizer caches (train)."""
         if "ready" in self.buffers and not float(self.buffers["ready"]):
             self._init_quant(x)
         xq, cx = self._quant_x(x, train)
-        Wq, cw = self._quant_w(self.params["W"])
+        Wq, cw = self._quant_w(self.params["W"], train)
         y = core(xq, Wq, train)
         if train:
             self._qcache = (cx, cw)
@@ -843,7 +777,7 @@ class QuantConv2d(_FakeQuant, Conv2d):
     ----------
     in_channels, out_channels, kernel_size, stride, padding, bias, backend, seed
         as :class:`Conv2d`.
-    scheme : one of :data:`SCHEMES`
+    scheme : one of :func:`mecref.schemes.names`
     w_bits, a_bits : int, 1..8 or 32 (full precision: no quantizer for that operand)
     a_signed : bool
         Signed input codes (normalised images of the first layer) or unsigned (after ReLU).
@@ -1059,7 +993,7 @@ def small_cnn(quantizer=None, w_bits=32, a_bits=32, first_last_bits=8, width=(16
 
     Parameters
     ----------
-    quantizer : None (full precision) or one of :data:`SCHEMES`
+    quantizer : None (full precision) or one of :func:`mecref.schemes.names`
     w_bits, a_bits : int, 1..8 or 32
         Bits of the inner layers (conv2, conv3). With ``quantizer=None`` both must be 32.
     first_last_bits : int, 1..8 or 32
@@ -1075,12 +1009,12 @@ def small_cnn(quantizer=None, w_bits=32, a_bits=32, first_last_bits=8, width=(16
     SmallCNN, with ``config`` holding these arguments (``width`` as a list).
     """
     if quantizer is not None:
-        check_choice("quantizer", quantizer, SCHEMES)
+        check_choice("quantizer", quantizer, schemes.names())
     w_bits, a_bits = _check_qbits("w_bits", w_bits), _check_qbits("a_bits", a_bits)
     first_last_bits = _check_qbits("first_last_bits", first_last_bits)
     if quantizer is None and (w_bits != FULL_PRECISION or a_bits != FULL_PRECISION):
         raise MecrefError(f"quantizer=None is full precision: w_bits and a_bits must be 32, "
-                          f"got w_bits={w_bits}, a_bits={a_bits} (name a quantizer from {SCHEMES})")
+                          f"got w_bits={w_bits}, a_bits={a_bits} (name a quantizer from {schemes.names()})")
     if (not isinstance(width, (tuple, list)) or len(width) != 3
             or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in width)):
         raise MecrefError(f"width must be three positive ints, got {width!r}")

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .backend import MecrefError
 from .experiments import (_write_json_atomic, best_settings, main_grid, run_grid, summarize,
                           sweep_grid, write_results)
@@ -148,3 +150,130 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# The MOE diagnosis: does the mixture form hurt where an expert holds no more rows than d?
+# ----------------------------------------------------------------------------------------------
+
+def expert_cosines(Z, y, experts: int, batch_size: int = 128, seed: int = 0) -> dict:
+    """Mean |cos| between rows of the same class, and of different classes, that share an
+    expert, as the hard norm gate routes them in training batches (derivations E5).
+
+    The rows are shuffled (``seed``) into batches of ``batch_size`` (the training batch of one
+    view); in each batch the samples are ranked by their norm and expert k takes the ranks
+    ``floor(j K / m) == k``. Pairs are counted inside each (batch, expert).
+
+    Returns
+    -------
+    dict: ``same_class`` and ``other_class`` mean |cos| (None where no such pair exists),
+    ``rows_per_expert`` (m / K)
+    """
+    Z = np.asarray(Z, dtype=np.float64)
+    y = np.asarray(y)
+    order = np.random.default_rng(seed).permutation(len(Z))
+    same, other = [], []
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[i:i + batch_size]
+        Zb, yb = Z[idx], y[idx]
+        rank = np.argsort(np.argsort(np.linalg.norm(Zb, axis=1), kind="stable"), kind="stable")
+        gate = (rank * experts) // batch_size
+        U = Zb / np.maximum(np.linalg.norm(Zb, axis=1, keepdims=True), 1e-300)
+        for k in range(experts):
+            sel = gate == k
+            C = np.abs(U[sel] @ U[sel].T)
+            eq = yb[sel][:, None] == yb[sel][None, :]
+            off = ~np.eye(int(sel.sum()), dtype=bool)
+            same.extend(C[eq & off].tolist())
+            other.extend(C[~eq].tolist())
+    return dict(same_class=float(np.mean(same)) if same else None,
+                other_class=float(np.mean(other)) if other else None,
+                rows_per_expert=batch_size / experts)
+
+
+def moe_diagnosis(out, lr: float | None = None, n_samples: int = 2000) -> list:
+    """For every cell of the ``strength`` stage: validation accuracy and, on its validation
+    images, the features' effective rank, class separation (between / within spread) and the
+    mean |cos| of same-class and other-class rows inside an expert of K = 2, 4, 8 (every
+    form is measured under each K, so LSQ and the exact form give the reference values).
+    Writes ``out/moe_diagnosis.json``; returns the rows."""
+    from . import data as mdata
+    from .diagnostics import collect_features, effective_rank, per_class_spread
+    from .experiments import cell_key, form_label, load_runs, model_from_checkpoint
+    out = Path(out)
+    lr = chosen_lr(out) if lr is None else lr
+    wanted = {cell_key(c, seed) for c in strength_grid(lr) for seed in SWEEP_SEEDS}
+    rows, cache = [], {}
+    for rec in load_runs(out / "bundled"):
+        cfg = rec["config"]
+        if rec["status"] != "ok" or rec["key"] not in wanted:
+            continue
+        key = (cfg["dataset"], cfg["val_size"], cfg["seed"])
+        if key not in cache:
+            ds = mdata.load_dataset(cfg["dataset"], data_dir=cfg["data_dir"])
+            _, (xv, yv) = mdata.train_val_split(ds, cfg["val_size"], seed=cfg["seed"])
+            cache[key] = (xv[:n_samples], yv[:n_samples])
+        xv, yv = cache[key]
+        model, _ = model_from_checkpoint(out / "bundled" / rec["checkpoint"])
+        Z, pred = collect_features(model, xv, yv)
+        keep = np.sum(Z * Z, axis=1) > 0
+        spread = per_class_spread(Z[keep], yv[keep])
+        row = dict(form="LSQ" if cfg["reg"] is None else form_label(cfg), reg=cfg["reg"],
+                   experts=cfg["experts"] if cfg["reg"] == "moe" else None,
+                   reg_weight=cfg["reg_weight"] if cfg["reg"] else None,
+                   eps=cfg["eps"] if cfg["reg"] else None, seed=cfg["seed"],
+                   val_acc=rec["val_acc"], accuracy=float(np.mean(pred == yv)),
+                   effective_rank=effective_rank(Z[keep]), separation=spread["ratio"],
+                   dead_rows=int(np.sum(~keep)))
+        for k in (2, 4, 8):
+            cos = expert_cosines(Z[keep], yv[keep], k)
+            row[f"same_cos_K{k}"], row[f"other_cos_K{k}"] = cos["same_class"], cos["other_class"]
+        rows.append(row)
+    rows.sort(key=lambda r: (r["form"], r["reg_weight"] or 0, r["eps"] or 0))
+    _write_json_atomic(out / "moe_diagnosis.json", dict(rows=rows, n_samples=n_samples))
+    return rows
+
+
+def plot_moe_diagnosis(rows, path, beta: float):
+    """Four panels against eps at one beta: validation accuracy, same-class |cos| inside the
+    form's own experts (K of the form; K = 4 for the others), effective rank, class
+    separation; a line per form, LSQ as a dashed line."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullLocator
+    sub = [r for r in rows if r["reg_weight"] == beta or r["reg"] is None]
+    forms = [f for f in dict.fromkeys(r["form"] for r in sub) if f != "LSQ"]
+    base = [r for r in sub if r["reg"] is None]
+    fig = Figure(figsize=(13, 3.6), layout="constrained")
+    axes = fig.subplots(1, 4)
+    panels = [("val_acc", "validation accuracy (%)", 100.0),
+              ("same_cos", "same-class |cos| inside an expert", 1.0),
+              ("effective_rank", "effective rank of the features", 1.0),
+              ("separation", "class separation (between / within)", 1.0)]
+    eps_all = sorted({r["eps"] for r in sub if r["eps"] is not None})
+
+    def value(r, key):
+        if key == "same_cos":
+            return r[f"same_cos_K{r['experts'] or 4}"]
+        return r[key]
+
+    for ax, (key, title, scale) in zip(axes, panels):
+        for form in forms:
+            line = sorted((r for r in sub if r["form"] == form), key=lambda r: r["eps"])
+            ax.plot([r["eps"] for r in line], [scale * value(r, key) for r in line], "o-",
+                    label=form, ms=4)
+        for r in base:
+            ax.axhline(scale * value(r, key), color="0.4", ls="--", label="LSQ (no regulariser)")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(eps_all))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{e:g}" for e in eps_all])
+        ax.set_xlabel("eps")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"MOE diagnosis, W2A2, bundled validation split, beta = {beta:g} "
+                 f"(batch m = 128 per view, d = 64: m/K = 64, 32, 16 rows per expert)", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as mdata
-from . import losses, nn, optim, regularizers
+from . import losses, nn, optim, regularizers, schemes
 from .backend import (MecrefError, array_module, backend_name, get_xp,
                       scipy_blas_single_thread, to_host)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -37,16 +37,18 @@ from .validate import check_bits, check_choice, check_int, check_positive
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "train_small_cnn",
            "evaluate", "QUANTIZERS", "REGULARIZERS"]
 
-QUANTIZERS = ("fp32", "ste", "dorefa_pact", "lsq", "lsqplus")
 PLACEMENTS = ("features", "blocks")
 TAPS = {"features": (), "blocks": ("pool1", "pool2")}  # inner block outputs the term also reads
 
 
 class _Registered(Sequence):
-    """``(None, *registered names)``, read afresh from :mod:`mecref.regularizers` on each use."""
+    """``(first, *registered names)``, read afresh from a registry on each use."""
+
+    def __init__(self, first, registry):
+        self._first, self._registry = first, registry
 
     def _names(self):
-        return (None,) + regularizers.names()
+        return (self._first,) + self._registry.names()
 
     def __getitem__(self, i):
         return self._names()[i]
@@ -58,7 +60,8 @@ class _Registered(Sequence):
         return repr(self._names())
 
 
-REGULARIZERS = _Registered()  # None, "mec", "mec_taylor", "moe", and any registered later
+QUANTIZERS = _Registered("fp32", schemes)        # "fp32" and every registered scheme
+REGULARIZERS = _Registered(None, regularizers)  # None and every registered regulariser
 
 
 class TrainingDivergedError(MecrefError, FloatingPointError):
@@ -68,7 +71,7 @@ class TrainingDivergedError(MecrefError, FloatingPointError):
 @dataclass
 class TrainConfig:
     """Everything that defines a run; ``TrainConfig(**result.config)`` rebuilds it."""
-    quantizer: str = "lsq"          # one of QUANTIZERS; "fp32" trains full precision
+    quantizer: str = "lsq"          # "fp32" (full precision) or a name in mecref.schemes.REGISTRY
     w_bits: int = 2                 # weight bits of the inner layers (1..8)
     a_bits: int = 2                 # activation bits of the inner layers (1..8)
     first_last_bits: int = 8        # bits of the first conv and the last linear (32 = FP)
@@ -96,7 +99,7 @@ class TrainConfig:
     reg_at: str = "features"        # "features", or "blocks": also the inner blocks' outputs
 
     def validate(self):
-        check_choice("quantizer", self.quantizer, QUANTIZERS)
+        check_choice("quantizer", self.quantizer, tuple(QUANTIZERS))
         check_choice("reg", self.reg, tuple(REGULARIZERS))
         if self.reg is not None:
             missing = [p for p in regularizers.get(self.reg).params if not hasattr(self, p)]
@@ -216,7 +219,7 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
         raise TypeError(f"dataset must be a mecref.data.Dataset or a dataset name, got "
                         f"{type(dataset).__name__}")
     cfg = dataclasses.replace(config, **overrides).validate()
-    xp = get_xp(cfg.backend)
+    get_xp(cfg.backend)  # an unavailable backend is refused here, before any data is read
     report = _Progress(progress)
 
     ds = dataset if dataset is not None else mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir)

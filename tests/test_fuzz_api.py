@@ -17,7 +17,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mecref import MecrefError, data, entropy, export, losses, nn, optim, quant
+from mecref import MecrefError, data, entropy, export, losses, nn, optim, quant, schemes
 from mecref.checkpoint import load_checkpoint
 from mecref.cli import main
 from mecref.train import train_small_cnn
@@ -222,7 +222,7 @@ def test_layer_constructors_refuse_bad_sizes(v, which):
     refused(lambda: nn.Conv2d(**dict(kw, **{which: v})), which)
 
 
-@given(bits=bad_bits(allow_full=True), scheme=bad_names(nn.SCHEMES), flag=st.one_of(st.none(), st.text(max_size=2), st.integers()),
+@given(bits=bad_bits(allow_full=True), scheme=bad_names(schemes.names()), flag=st.one_of(st.none(), st.text(max_size=2), st.integers()),
        momentum=st.one_of(bad_positive(allow_zero=True), st.floats(1.0, 1e9, exclude_min=True)),
        eps=bad_positive(), which=st.sampled_from(["w_bits", "a_bits", "scheme", "a_signed", "relu", "momentum", "eps", "padding"]))
 def test_quantized_layers_batchnorm_and_pool_refuse_bad_options(bits, scheme, flag, momentum, eps, which):
@@ -275,7 +275,7 @@ def test_layer_backward_before_forward_or_with_a_bad_gradient():
         refused(lambda: conv.backward(dy), "dy")
 
 
-@given(q=bad_names(nn.SCHEMES + (None,)), bits=bad_bits(allow_full=True),
+@given(q=bad_names(schemes.names() + (None,)), bits=bad_bits(allow_full=True),
        width=st.one_of(st.none(), st.text(max_size=3), st.lists(st.integers(-2, 4), max_size=4).filter(
            lambda w: len(w) != 3 or min(w) < 1), st.just((2.0, 2, 2)), st.just((True, 2, 2))),
        n=bad_ints(2), backend=bad_names(("numpy", "cupy")),

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy.signal import correlate
 
-from mecref import nn, quant
+from mecref import nn, quant, schemes
 from mecref.backend import MecrefError, get_xp, to_backend, to_host
 from mecref.losses import softmax_cross_entropy, softmax_cross_entropy_backward
 
@@ -365,7 +365,7 @@ def _compare_to_by_hand(qlayer, plain, x, dy, scheme, w_bits, a_bits, signed):
                                    rtol=1e-12, atol=1e-12, err_msg=k)
 
 
-@pytest.mark.parametrize("scheme", nn.SCHEMES)
+@pytest.mark.parametrize("scheme", schemes.names())
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("w_bits,a_bits", [(3, 4), (1, 2)])
 def test_quant_conv_grads_equal_quantizer_pairs_by_hand(scheme, signed, w_bits, a_bits, rng):
@@ -379,7 +379,7 @@ def test_quant_conv_grads_equal_quantizer_pairs_by_hand(scheme, signed, w_bits, 
     _compare_to_by_hand(q, plain, x, dy, scheme, w_bits, a_bits, signed)
 
 
-@pytest.mark.parametrize("scheme", nn.SCHEMES)
+@pytest.mark.parametrize("scheme", schemes.names())
 def test_quant_linear_grads_equal_quantizer_pairs_by_hand(scheme, rng):
     q = nn.QuantLinear(6, 3, scheme=scheme, w_bits=2, a_bits=3, seed=5).astype(np.float64)
     plain = nn.Linear(6, 3).astype(np.float64)
