@@ -82,6 +82,9 @@ MUTATIONS = [
     M("lsq-init", "LSQ's initial step forgets the square root of Qp",
       "m * (2.0 / math.sqrt(Qp))", "m * (2.0 / Qp)",
       ("tests/test_quant.py", "tests/test_nn.py")),
+    M("quant-param-broadcast", "a step of the wrong shape is no longer refused (NumPy's broadcast error instead)",
+      "ok = np.broadcast_shapes(tuple(p.shape), tuple(x.shape)) == tuple(x.shape)", "ok = True",
+      ("tests/test_fuzz_api.py", "-k", "bad_steps")),
     # --- coding length, MEC, Taylor, MOE (E1-E5)
     M("coding-length-mu", "the coding length's mu uses m alone",
       "    mu = (m + d) / 2\n    fac, logdet = _gram_logdet(Zc, lam)",
