@@ -103,6 +103,14 @@ MUTATIONS = [
       "dS = pi * (dpi - xp.sum(pi * dpi, axis=1, keepdims=True)) / tau",
       "dS = pi * (dpi + xp.sum(pi * dpi, axis=1, keepdims=True)) / tau",
       ("tests/test_entropy.py",)),
+    # --- quantized layers (N9)
+    M("layer-act-grad-scale", "a layer's LSQ activation step gradient scale counts the whole batch",
+      "g = 1.0 / math.sqrt((x.size // x.shape[0]) * Qp)", "g = 1.0 / math.sqrt(x.size * Qp)",
+      ("tests/test_nn.py", "-k", "by_hand")),
+    M("layer-pact-init", "PACT's initial clip is one LSQ step instead of Qp steps",
+      'self.params["alpha"][...] = Qp * quant.lsq_init_step(x, self.a_bits, signed=False)',
+      'self.params["alpha"][...] = quant.lsq_init_step(x, self.a_bits, signed=False)',
+      ("tests/test_nn.py", "-k", "by_hand")),
     # --- layers (N1-N5)
     M("im2col-offsets", "im2col swaps the kernel's row and column offsets",
       "strides=(sC, sH, sW, sN, stride * sH, stride * sW))",
@@ -126,6 +134,12 @@ MUTATIONS = [
     M("export-round-shift", "requantisation rounds ties to odd",
       "q -= tie & ((q & 1) == 1)", "q -= tie & ((q & 1) == 0)",
       ("tests/test_export.py", "-k", "round_shift")),
+    M("export-requant-offset", "requantisation subtracts the folded BatchNorm offset",
+      "V = M.astype(np.int64) * acc.astype(np.int64) + C ", "V = M.astype(np.int64) * acc.astype(np.int64) - C ",
+      ("tests/test_export.py", "-k", "untrained")),
+    M("export-round-floor", "requantisation truncates instead of rounding",
+      "    q = (V + half) >> n\n", "    q = V >> n\n",
+      ("tests/test_export.py", "-k", "untrained")),
     # --- checkpoints and resume
     M("resume-drops-momentum", "a resumed run starts with zero momentum",
       "            opt.load_state_dict(o_state)\n", "            pass\n",
