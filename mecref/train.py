@@ -35,7 +35,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .validate import check_bits, check_choice, check_int, check_positive
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "train_small_cnn",
-           "evaluate", "QUANTIZERS", "REGULARIZERS"]
+           "loss_and_grads", "evaluate", "QUANTIZERS", "REGULARIZERS"]
 
 PLACEMENTS = ("features", "blocks")
 TAPS = {"features": (), "blocks": ("pool1", "pool2")}  # inner block outputs the term also reads
@@ -311,9 +311,24 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
 
 def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
     """One step: two views forward, CE + beta * L_reg, closed-form backward, SGD update."""
-    xp = array_module(xb)
-    B = xb.shape[0]
     x1, x2 = mdata.two_views(xb, rng)
+    parts = loss_and_grads(model, x1, x2, yb, cfg, step)
+    opt.step()
+    correct = int(to_host((parts.pop("logits").argmax(axis=1) == parts.pop("y")).sum()))
+    return dict(parts, correct=correct, seen=int(2 * xb.shape[0]))
+
+
+def loss_and_grads(model, x1, x2, yb, cfg: TrainConfig, step: int = 0) -> dict:
+    """The objective of T1 on two views ``x1, x2`` (B, C, H, W) of a batch with labels ``yb``
+    (B,), and its closed-form gradient: fills every layer's ``grads`` (no update).
+
+    .. math:: \\mathcal{L} = \\mathrm{CE}(f_q([x_1; x_2]), [y; y]) + \\beta\\, L_{reg}(Z_1, Z_2)
+
+    Returns ``dict(loss, ce, reg, logits, y)`` (``logits`` (2B, classes) and ``y`` (2B,) of
+    the concatenated batch); raises :class:`TrainingDivergedError` on NaN or inf.
+    """
+    xp = array_module(x1)
+    B = x1.shape[0]
     x = xp.concatenate([x1, x2], axis=0)
     y = xp.concatenate([yb, yb], axis=0)
     try:
@@ -333,9 +348,7 @@ def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
     dlogits = losses.softmax_cross_entropy_backward(ce_cache, 1.0)
     model.backward(dlogits, dfeats, dtaps)
     _check_grads(model, step)
-    opt.step()
-    correct = int(to_host((logits.argmax(axis=1) == y).sum()))
-    return dict(loss=loss, ce=float(ce), reg=reg_value, correct=correct, seen=int(2 * B))
+    return dict(loss=loss, ce=float(ce), reg=reg_value, logits=logits, y=y)
 
 
 def _taps(cfg: TrainConfig) -> tuple:

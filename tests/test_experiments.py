@@ -1,4 +1,5 @@
 """The grid runner (caching, resuming, workers), the summaries and the canonical grids."""
+import copy
 import csv
 import importlib.util
 import json
@@ -23,11 +24,22 @@ def _mtimes(d):
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
+def grid_once(tmp_path_factory):
+    """The grid, run once per module (the runs are the slow part)."""
     d = tmp_path_factory.mktemp("grid")
     seen = []
     records = run_grid(CONFIGS, SEEDS, d, workers=1, progress=lambda r, k, n: seen.append((k, n)))
     return d, records, seen
+
+
+@pytest.fixture
+def grid(grid_once, tmp_path):
+    """A fresh copy of the grid's folder for each test: tests delete and rebuild files in it,
+    so none may see another's changes (the suite runs in random order)."""
+    src, records, seen = grid_once
+    d = tmp_path / "grid"
+    shutil.copytree(src, d)
+    return d, copy.deepcopy(records), list(seen)
 
 
 # ------------------------------------------------------------------------------ the runner

@@ -1,8 +1,9 @@
 """Integer export and integer-only inference against the fake-quantized float model.
 
-Oracles: the float model's own forward (predictions, logits), each quantized layer's forward
-rebuilt from the exported codes and scales, numpy.rint for the fixed-point rounding, and the
-float64 value of each fixed-point multiplier.
+Oracles: the float model's own forward (predictions, logits), each quantized layer's input
+codes recomputed in this file from the layer's quantizer parameters (not by compare_int), each
+quantized layer's forward rebuilt from the exported codes and scales, numpy.rint for the
+fixed-point rounding, and the float64 value of each fixed-point multiplier.
 """
 import json
 import subprocess
@@ -67,6 +68,80 @@ def _check_agreement(res, model, x, imodel):
     assert np.abs(got - fake["logits"]).max() <= S + 1e-5 * np.abs(fake["logits"]).max()
 
 
+def _qrange(bits, signed):
+    """(Qn, Qp) from the definition (derivations Q1), not from mecref.quant."""
+    if not signed:
+        return 0, 2 ** bits - 1
+    return (-1, 1) if bits == 1 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def _input_codes(layer, h):
+    """The integer code of each input of a quantized layer, from its params and the rules of
+    derivations N9 (not from mecref.export): LSQ clip(rint(h / s)), LSQ+ clip(rint((h - beta) / s)),
+    STE s = a_max / Qp, PACT rint(clip(h, 0, alpha) Qp / alpha); signed inputs of a
+    dorefa_pact layer use the STE quantizer. The binary signed case is sign(h), sign(0) = +1."""
+    h = np.asarray(h, np.float64)
+    Qn, Qp = _qrange(layer.a_bits, layer.a_signed)
+    kind = "ste" if layer.scheme == "dorefa_pact" and layer.a_signed else layer.scheme
+    if kind == "dorefa_pact":
+        alpha = np.float64(layer.params["alpha"].reshape(()))
+        return np.rint(np.clip(h, 0, alpha) * Qp / alpha).astype(np.int64)
+    if kind == "ste":
+        s = np.float64(layer.buffers["a_max"].reshape(())) / Qp
+        v = h / s
+    elif kind == "lsq":
+        v = h / np.float64(layer.params["s_a"].reshape(()))
+    else:
+        v = (h - np.float64(layer.params["beta_a"].reshape(()))) / np.float64(layer.params["s_a"].reshape(()))
+    if layer.a_bits == 1 and layer.a_signed:
+        return np.where(v >= 0, 1, -1)
+    return np.clip(np.rint(v), Qn, Qp).astype(np.int64)
+
+
+def _check_against_recomputed(model, imodel, x, min_pred_agreement=1.0):
+    """The integer model's codes at every quantized layer's input, and its logits, against the
+    float model's own forward with the codes recomputed above (no compare_int): every code
+    within one of the recomputed one and at most 1e-3 of them off (float32 ties); every
+    prediction equal (or the given share); the logits within 2 % of their range."""
+    logits_int, codes = int_forward(imodel, x, return_codes=True)
+    h = normalize(x)
+    for name, layer in zip(model.names, model.layers):
+        if isinstance(layer, (nn.QuantConv2d, nn.QuantLinear)) and f"{name}.in" in codes:
+            want = _input_codes(layer, h).reshape(codes[f"{name}.in"].shape)
+            diff = np.abs(codes[f"{name}.in"].astype(np.int64) - want)
+            assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (name, diff.max(), (diff > 0).mean())
+        h = layer.forward(h, train=False)
+    fake = np.asarray(h, np.float64)
+    got = logits_int * imodel.tensors["logits"]["scale"]
+    assert (got.argmax(axis=1) == fake.argmax(axis=1)).mean() >= min_pred_agreement
+    assert np.abs(got - fake).max() <= 0.02 * (fake.max() - fake.min())
+
+
+def _quick_model(q, w, a, fl, seed=0):
+    """An untrained quantized model whose quantizers and BatchNorm statistics have been set by
+    a few train-mode forwards on bundled images, and whose BatchNorm affine is random."""
+    model = nn.small_cnn(quantizer=q, w_bits=w, a_bits=a, first_last_bits=fl, width=(4, 8, 8), seed=seed)
+    rng = np.random.default_rng(seed)
+    for bn in (model.layers[1], model.layers[4], model.layers[7]):
+        bn.momentum = 1.0   # running statistics = the last batch's
+        bn.params["gamma"][...] = rng.uniform(0.5, 1.5, bn.params["gamma"].shape) * rng.choice([-1, 1], bn.params["gamma"].shape)
+        bn.params["beta"][...] = rng.uniform(-0.3, 0.3, bn.params["beta"].shape)
+    x = load_bundled().x_train
+    for i in range(3):
+        model.forward(normalize(x[i * 200:(i + 1) * 200]), train=True)
+    return model
+
+
+@pytest.mark.parametrize("cfg", WHOLE_SET + OTHERS, ids=lambda c: f"{c[0]}-W{c[1]}A{c[2]}-FL{c[3]}")
+def test_integer_path_of_an_untrained_model_matches_codes_recomputed_from_the_float_model(cfg, test_set):
+    """Fast (no training, no compare_int): the integer model against the float model's forward
+    and each input code recomputed from the layer's own quantizer parameters."""
+    model = _quick_model(*cfg)
+    imodel = export_int_model(model)
+    _check_against_recomputed(model, imodel, test_set[0][:300],
+                              min_pred_agreement=0.98 if cfg[0] == "dorefa_pact" else 1.0)
+
+
 @pytest.mark.parametrize("cfg", WHOLE_SET, ids=lambda c: f"{c[0]}-W{c[1]}A{c[2]}")
 def test_integer_path_reproduces_fake_quant_predictions_on_the_whole_test_set(models, test_set, cfg):
     model, _ = models[cfg]
@@ -75,6 +150,7 @@ def test_integer_path_reproduces_fake_quant_predictions_on_the_whole_test_set(mo
     res = compare_int(model, imodel, x)
     assert res["n"] == 2000 and res["pred_equal"] == 2000
     _check_agreement(res, model, x, imodel)
+    _check_against_recomputed(model, imodel, x)
 
 
 @pytest.mark.parametrize("cfg", OTHERS, ids=lambda c: f"{c[0]}-W{c[1]}A{c[2]}-FL{c[3]}")
@@ -87,6 +163,7 @@ def test_other_schemes_and_binary_layers_export(models, test_set, cfg):
     # DoReFa's float32 levels 2k/Qp - 1 sit up to ~4e-5 of a code off the grid (derivations
     # X6), so near-ties round differently more often; the others must agree on every image
     assert res["pred_equal"] >= (0.99 if cfg[0] == "dorefa_pact" else 1.0) * res["n"]
+    _check_against_recomputed(model, imodel, x, 0.99 if cfg[0] == "dorefa_pact" else 1.0)
 
 
 def test_exported_codes_and_scales_rebuild_every_quantized_layer(models, test_set):

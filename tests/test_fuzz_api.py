@@ -1,6 +1,7 @@
 """Bad input everywhere public: malformed arguments to the public API are refused with
-mecref's own error (MecrefError, a ValueError) or a TypeError/ValueError that names the
-argument; never another exception, a hang (each call has a time limit), or a result.
+mecref's own error (MecrefError, a ValueError) or a TypeError raised by mecref, whose message
+names the argument as a word; never another exception (NumPy's own errors included), a hang
+(each call has a time limit), or a result.
 
 Layers trust the VALUES of their inputs (NaN flows through a plain conv as in any array
 library; the model, the quantizers, the losses and the entropy terms check finiteness at their
@@ -9,7 +10,9 @@ boundary), so the layer targets below throw shapes and dtypes at them, not NaN.
 import contextlib
 import io
 import math
+import re
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import mecref
 from mecref import MecrefError, data, entropy, export, losses, nn, optim, quant, schemes
 from mecref.checkpoint import load_checkpoint
 from mecref.cli import main
@@ -41,15 +45,37 @@ def _time_limit(seconds):
         signal.signal(signal.SIGALRM, old)
 
 
+MECREF_DIR = Path(mecref.__file__).resolve().parent
+
+
+def _names_argument(msg, name):
+    """``name`` as a whole word of ``msg`` (not part of a longer identifier, a path or a
+    possessive: "s" is not found in "the model's" or "steps"; "bitz" is in "['bitz']")."""
+    return re.search(rf"(?<![\w./-])(?<!\w'){re.escape(name)}(?![\w/-])", msg) is not None
+
+
+def _raised_in_mecref(exc):
+    """True when the innermost frame of the exception's traceback is mecref's own code."""
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return MECREF_DIR in Path(tb.tb_frame.f_code.co_filename).resolve().parents
+
+
 def refused(call, *names, seconds=20):
-    """``call()`` must raise MecrefError/ValueError/TypeError whose message names one of
-    ``names``; any other exception propagates (the test fails), and so does a result."""
+    """``call()`` must be refused for the right reason: mecref's own MecrefError, or a
+    TypeError raised by mecref's code (not NumPy's, SciPy's or Python's), whose message names
+    the argument (one of ``names``) as a word. Anything else fails the test: another exception
+    (it propagates), a result, or an answer that takes more than ``seconds``."""
     with _time_limit(seconds):
         try:
             value = call()
-        except (MecrefError, ValueError, TypeError) as exc:
+        except (MecrefError, TypeError) as exc:
             msg = str(exc)
-            assert any(n in msg for n in names), f"{type(exc).__name__} names none of {names}: {msg}"
+            assert isinstance(exc, MecrefError) or _raised_in_mecref(exc), \
+                f"a TypeError from outside mecref, not a refusal: {msg}"
+            assert any(_names_argument(msg, n) for n in names), \
+                f"{type(exc).__name__} names none of {names}: {msg}"
             return exc
     pytest.fail(f"bad input accepted, returned {type(value).__name__}")
 
@@ -136,7 +162,7 @@ QUANTIZERS = {
 @given(x=st.one_of(NOT_ARRAYS, st.tuples(BAD_DTYPES).map(lambda t: np.zeros((3, 2), t[0])),
                    st.just(np.zeros((0, 3))), st.just(np.array(1.0)), _poisoned((3, 4))))
 def test_quantizers_refuse_bad_inputs(name, x):
-    refused(lambda: QUANTIZERS[name](x), "x", "w")
+    refused(lambda: QUANTIZERS[name](x), "w" if name == "dorefa_weight_quantize" else "x")
 
 
 @given(bits=bad_bits(), which=st.sampled_from(["qrange", "ste", "lsq", "lsqplus", "pact",
@@ -179,10 +205,13 @@ ENTROPY = {
 }
 
 
+ENTROPY_ARG = {"coding_length": "Z", "mec_loss": "Z1", "mec_taylor": "Z1", "moe_coding_length": "Z"}
+
+
 @pytest.mark.parametrize("name", ENTROPY)
 @given(Z_bad=st.one_of(bad_arrays((6, 4)), st.just(np.zeros((6, 4)))))   # zero rows: no direction
 def test_entropy_terms_refuse_bad_features(name, Z_bad):
-    refused(lambda: ENTROPY[name](Z_bad, 0.5), "Z")
+    refused(lambda: ENTROPY[name](Z_bad, 0.5), ENTROPY_ARG[name])
 
 
 @pytest.mark.parametrize("name", ENTROPY)
@@ -264,7 +293,7 @@ def test_layers_refuse_bad_input_shapes_and_dtypes(name, data):
     assume(not (name == "ReLU" and hasattr(x, "dtype") and np.issubdtype(x.dtype, np.floating)))
     assume(not (name in ("MaxPool2d", "GlobalAvgPool2d") and hasattr(x, "dtype")
                 and np.issubdtype(x.dtype, np.floating) and x.ndim == 4 and x.shape[2] >= 2))
-    refused(lambda: layer.forward(x, train=False), "x", "dy")
+    refused(lambda: layer.forward(x, train=False), "x")
 
 
 def test_layer_backward_before_forward_or_with_a_bad_gradient():
@@ -434,7 +463,9 @@ def test_train_refuses_each_bad_setting_before_any_work(field, data):
     v = data.draw(TRAIN_BAD[field])
     if field == "quantizer":
         assume(v is not None)
-    refused(lambda: train_small_cnn(**dict(TINY, **{field: v})), field, str(v))
+    # a path that does not exist is named by the message (the path, not the field's name)
+    path = (str(v),) if field in ("init_from", "data_dir") and isinstance(v, str) else ()
+    refused(lambda: train_small_cnn(**dict(TINY, **{field: v})), field, *path)
 
 
 def test_train_refuses_batches_larger_than_the_data_and_unknown_names():

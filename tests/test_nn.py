@@ -301,42 +301,74 @@ def test_no_decay_and_positive_sets():
 
 
 # ----------------------------------------------------------------------------- quantized layers
+def _qrange(bits, signed):
+    """(Qn, Qp) written out from Q1: unsigned [0, 2^b - 1], signed [-2^(b-1), 2^(b-1) - 1],
+    signed 1 bit the binary {-1, +1}."""
+    if not signed:
+        return 0, 2 ** bits - 1
+    return (-1, 1) if bits == 1 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def _lsq_step0(x, Qp, axes=None):
+    """LSQ's initial step (Esser et al. 2020): s0 = 2 mean|x| / sqrt(Qp)."""
+    keep = axes is not None
+    return 2 * np.abs(x).mean(axis=axes, keepdims=keep) / np.sqrt(Qp)
+
+
+def _lsqplus_init0(x, bits, signed, axes=None):
+    """LSQ+'s initial values (Bhalgat et al. 2020): unsigned data spans the grid,
+    s0 = (max - min) / (Qp - Qn), beta0 = min - Qn s0; signed (symmetric) the 3-sigma rule
+    s0 = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1), beta0 = 0."""
+    keep = axes is not None
+    Qn, Qp = _qrange(bits, signed)
+    if signed:
+        mu, sigma = x.mean(axis=axes, keepdims=keep), x.std(axis=axes, keepdims=keep)
+        s = np.maximum(np.abs(mu - 3 * sigma), np.abs(mu + 3 * sigma)) / 2 ** (bits - 1)
+        return s, np.zeros_like(s)
+    lo, hi = x.min(axis=axes, keepdims=keep), x.max(axis=axes, keepdims=keep)
+    s = (hi - lo) / (Qp - Qn)
+    return s, lo - Qn * s
+
+
 def _by_hand_input(scheme, x, bits, signed):
-    """The quantizer pair and the value of its params a fresh layer would pick from x."""
-    _, Qp = quant.qrange(bits, signed)
+    """The quantizer pair with the params a fresh layer should pick from x (N9), from the
+    papers' rules written above: per tensor, LSQ's gradient scale g = 1/sqrt(N Qp) with N the
+    features of one sample; PACT's alpha0 = Qp times LSQ's step; STE's s = max|x| / Qp."""
+    _, Qp = _qrange(bits, signed)
     g = 1.0 / np.sqrt((x.size // x.shape[0]) * Qp)
     if scheme == "ste" or (scheme == "dorefa_pact" and signed):
         s = np.abs(x).max() if signed else x.max()
         y, c = quant.ste_quantize(x, s / Qp, bits, signed=signed)
         return y, lambda d: (quant.ste_quantize_backward(c, d), {})
     if scheme == "dorefa_pact":
-        alpha = Qp * quant.lsq_init_step(x, bits, signed=False)
+        alpha = Qp * _lsq_step0(x, Qp)
         y, c = quant.pact_quantize(x, alpha, bits)
         return y, lambda d: (lambda dx, da: (dx, {"alpha": da}))(*quant.pact_quantize_backward(c, d))
     if scheme == "lsq":
-        s = quant.lsq_init_step(x, bits, signed=signed)
+        s = _lsq_step0(x, Qp)
         y, c = quant.lsq_quantize(x, s, bits, signed=signed, grad_scale=g)
         return y, lambda d: (lambda dx, ds: (dx, {"s_a": ds}))(*quant.lsq_quantize_backward(c, d))
-    s, beta = quant.lsqplus_init(x, bits, signed=signed)
+    s, beta = _lsqplus_init0(x, bits, signed)
     y, c = quant.lsqplus_quantize(x, s, beta, bits, signed=signed, grad_scale=g)
     return y, lambda d: (lambda dx, ds, db: (dx, {"s_a": ds, "beta_a": db}))(
         *quant.lsqplus_quantize_backward(c, d))
 
 
 def _by_hand_weight(scheme, W, bits):
+    """Signed weights, per output channel (N9): STE s = max|W_f| / Qp; LSQ (and LSQ+, which
+    keeps weights symmetric) with g = 1/sqrt(N_f Qp), N_f the weights of one channel."""
+    _, Qp = _qrange(bits, True)
+    axes = tuple(range(1, W.ndim))
     if scheme == "ste":
-        _, Qp = quant.qrange(bits, True)
-        s = np.abs(W).max(axis=tuple(range(1, W.ndim)), keepdims=True) / Qp
+        s = np.abs(W).max(axis=axes, keepdims=True) / Qp
         y, c = quant.ste_quantize(W, s, bits, signed=True)
         return y, lambda d: (quant.ste_quantize_backward(c, d), {})
     if scheme == "dorefa_pact":
         y, c = quant.dorefa_weight_quantize(W, bits)
         return y, lambda d: (quant.dorefa_weight_quantize_backward(c, d), {})
-    if scheme == "lsq":
-        s = quant.lsq_init_step(W, bits, signed=True, per_channel=True)
-    else:
-        s, _ = quant.lsqplus_init(W, bits, signed=True, per_channel=True)
-    y, c = quant.lsq_quantize(W, s, bits, signed=True)
+    s = _lsq_step0(W, Qp, axes) if scheme == "lsq" else _lsqplus_init0(W, bits, True, axes)[0]
+    g = 1.0 / np.sqrt(W[0].size * Qp)
+    y, c = quant.lsq_quantize(W, s, bits, signed=True, grad_scale=g)
     return y, lambda d: (lambda dw, ds: (dw, {"s_w": ds}))(*quant.lsq_quantize_backward(c, d))
 
 

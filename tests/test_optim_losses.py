@@ -1,5 +1,6 @@
-"""Softmax cross-entropy against finite differences and scipy; SGD against its formula; the
-cosine schedule at its landmarks (docs/derivations.md N6-N8)."""
+"""Softmax cross-entropy against finite differences and scipy; SGD against its formula and, over
+several steps with a schedule, against its unrolled form; the cosine schedule at its landmarks
+(docs/derivations.md N6-N8)."""
 import math
 
 import numpy as np
@@ -139,6 +140,43 @@ def test_sgd_state_dict_round_trip_and_refusals(rng):
     with pytest.raises(MecrefError, match="'W' has shape"):
         other.load_state_dict({"W": np.zeros(2), "b": state["b"]})
     np.testing.assert_array_equal(other.velocity["b"], opt.velocity["b"])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_over_several_steps_matches_the_explicit_sum_form(rng, nesterov):
+    """Twelve steps of a schedule with warm-up, on gradients that depend on the params (so an
+    error compounds), against the unrolled form written from N7/N8 independently of the
+    recurrence: v_t = sum_{j<=t} mu^(t-j) g'_j with g'_j = g_j + wd p_j on decayed keys only,
+    p_{t+1} = p_t - eta_t (v_t, or g'_t + mu v_t for Nesterov), floored at 1e-8 on positive
+    keys; eta_t = eta_0 (t+1)/T_w in the warm-up, then eta_0 cos^2(pi/2 (t-T_w)/(T-T_w))
+    (= eta_0 (1 + cos(pi u)) / 2)."""
+    T, Tw, base, mu, wd = 12, 3, 0.3, 0.9, 0.05
+    layer = Toy(rng)
+    opt = SGD([("W", layer, "W"), ("b", layer, "b"), ("s", layer, "s")], lr=base, momentum=mu,
+              weight_decay=wd, nesterov=nesterov)
+    A = {k: rng.uniform(0.2, 1.5, v.shape) for k, v in layer.params.items()}
+    C = [{k: rng.standard_normal(v.shape) for k, v in layer.params.items()} for _ in range(T)]
+    ref = {k: v.copy() for k, v in layer.params.items()}
+    history = {k: [] for k in ref}
+    floored = False
+    for t in range(T):
+        eta = base * (t + 1) / Tw if t < Tw else base * math.cos(0.5 * math.pi * (t - Tw) / (T - Tw)) ** 2
+        opt.lr = cosine_lr(t, T, base, Tw)
+        assert opt.lr == pytest.approx(eta, rel=1e-14)
+        layer.grads = {k: A[k] * p + C[t][k] for k, p in layer.params.items()}
+        opt.step()
+        for k in ref:
+            g = A[k] * ref[k] + C[t][k] + (wd * ref[k] if k == "W" else 0.0)
+            history[k].append(g)
+            v = sum(mu ** (t - j) * history[k][j] for j in range(t + 1))
+            ref[k] = ref[k] - eta * (g + mu * v if nesterov else v)
+            if k == "s":
+                floored |= bool((ref[k] < 1e-8).any())
+                ref[k] = np.maximum(ref[k], 1e-8)
+        for k in ref:
+            np.testing.assert_allclose(layer.params[k], ref[k], rtol=1e-11, atol=1e-12,
+                                       err_msg=f"{k} after step {t}")
+    assert floored  # the positive floor was exercised too
 
 
 def test_sgd_argument_errors(rng):

@@ -1,6 +1,7 @@
 """Fake quantizers (mecref.quant): gradients against float64 central differences of the
 surrogate each straight-through rule defines (docs/derivations.md Q1-Q9), grid properties,
-init rules, float32 preservation, argument errors, and the NumPy/CuPy seam."""
+init rules, exact rounding ties (half to even), float32 preservation, argument errors, and the
+NumPy/CuPy seam."""
 import math
 
 import numpy as np
@@ -500,3 +501,88 @@ def test_bad_arguments_raise_naming_them(call, exc, name):
     with pytest.raises(exc) as info:
         call()
     assert str(info.value).startswith(name + " ")
+
+
+# ----------------------------------------------------------------------------- exact ties (Q1)
+def half_to_even(v):
+    """round(v) with ties to the even integer, written out: floor, then up if the fraction is
+    above 1/2, or exactly 1/2 and the floor is odd."""
+    f = np.floor(v)
+    frac = v - f
+    up = (frac > 0.5) | ((frac == 0.5) & (np.mod(f, 2) == 1))
+    return f + up
+
+
+HALVES = np.arange(-9, 9) + 0.5   # every half-integer in [-8.5, 8.5]: even and odd floors
+
+
+@pytest.mark.parametrize("bits, signed", [(2, False), (3, True), (4, True), (8, False)])
+@pytest.mark.parametrize("which", ["ste", "lsq", "lsqplus"])
+def test_step_quantizers_round_exact_ties_to_even(which, bits, signed):
+    Qn, Qp = expected_range(bits, signed)
+    s, beta = 0.25, 0.5                                   # dyadic: x / s, (x - beta) / s exact
+    x = s * HALVES + (beta if which == "lsqplus" else 0.0)
+    assert np.array_equal((x - (beta if which == "lsqplus" else 0.0)) / s, HALVES)  # ties
+    if which == "ste":
+        y = ste_quantize(x, s, bits, signed)[0]
+    elif which == "lsq":
+        y = lsq_quantize(x, s, bits, signed)[0]
+    else:
+        y = lsqplus_quantize(x, s, beta, bits, signed)[0] - beta
+    np.testing.assert_array_equal(y, s * np.clip(half_to_even(HALVES), Qn, Qp))
+    inside = (HALVES > Qn) & (HALVES < Qp)
+    assert (inside & (np.mod(np.floor(HALVES), 2) == 0)).any()  # some ties round down
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5])
+def test_pact_rounds_exact_ties_to_even(bits):
+    Qp = 2 ** bits - 1
+    alpha = Qp / 4                                        # Qp / alpha = 4: x Qp / alpha exact
+    v = HALVES[(HALVES > 0) & (HALVES < Qp)]
+    y = pact_quantize(v / 4, alpha, bits)[0]
+    np.testing.assert_array_equal(y * (Qp / alpha), half_to_even(v))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_dorefa_act_rounds_exact_ties_to_even(bits):
+    Qp = 2 ** bits - 1
+    # x with fl(x Qp) exactly a half-integer (checked): 0.5 always, others where division allows
+    x = np.array([h / Qp for h in HALVES if 0 < h < Qp and (h / Qp) * Qp == h])
+    assert ((x * Qp) == 0.5).any()                        # 0.5 -> 0: the even integer below
+    y = dorefa_act_quantize(x, bits)[0]
+    np.testing.assert_allclose(y * Qp, half_to_even(x * Qp), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dorefa_weight_rounds_exact_ties_to_even(bits):
+    """t = tanh w; the code rounds (2^k - 1)(t / 2M + 1/2). Ties are where t / M = 2n / Qp with
+    n odd (then the value is an integer + 1/2 above an even floor); w is searched ulp by ulp
+    near arctanh of that t until the scaled value is exactly the half-integer."""
+    Qp = 2 ** bits - 1
+    w_max = 0.8
+    M = np.tanh(w_max)
+    ws, targets = [w_max], []
+    for n in range(-(Qp // 2), Qp // 2 + 1):
+        w = np.arctanh(M * 2 * n / Qp)
+        for _ in range(200):
+            scaled = np.tanh(w) * (Qp / (2 * M)) + Qp / 2
+            if scaled == n + Qp / 2:
+                break
+            w = np.nextafter(w, np.inf if scaled < n + Qp / 2 else -np.inf)
+        else:
+            continue
+        ws.append(w)
+        targets.append(n + Qp / 2)
+    assert any(np.mod(np.floor(t), 2) == 0 for t in targets), targets  # a tie that rounds down
+    y = dorefa_weight_quantize(np.array(ws), bits)[0]
+    np.testing.assert_allclose((y[1:] + 1) * Qp / 2, half_to_even(np.array(targets)),
+                               rtol=0, atol=1e-9)
+
+
+def test_binary_sign_of_zero_is_plus_one():
+    s = 0.5
+    for y in (ste_quantize(np.array([0.0, -0.0]), s, 1, True)[0],
+              lsq_quantize(np.array([0.0, -0.0]), s, 1, True)[0]):
+        np.testing.assert_array_equal(y, [s, s])
+    w = np.array([0.0, 1.0, -2.0])
+    np.testing.assert_array_equal(dorefa_weight_quantize(w, 1)[0], [1.0, 1.0, -1.0])  # E = 1
