@@ -115,14 +115,20 @@ def run_study(out, stages=STAGES, workers: int = 2, progress=True, placement_for
     settings = chosen_settings(out, lr)
     done["settings"] = settings
     _write_json_atomic(out / "chosen.json", dict(lr=lr, settings=settings))
-    # W2A2 first (the claim's hardest case), then the placement ablation, then W4A4
+    # W2A2 first (the claim's hardest case): LSQ, the forms and FP32; then the placement
+    # ablation; then W2A2's other baselines; then W4A4 in the same order
     for i, bits in enumerate(HEADLINE_BITS):
+        configs = headline_grid(lr, settings, bits=[bits])
+        core = [c for c in configs if c["quantizer"] in ("lsq", "fp32")]
         if "headline" in stages:
-            grid("headline", headline_grid(lr, settings, bits=[bits]), SEEDS)
+            grid("headline", core, SEEDS)
             write_results(out / "full", headline_grid(lr, settings), stem="headline")
         if i == 0 and "placement" in stages:
             form = placement_form or "Taylor n=4"
             grid("placement", placement_grid(lr, settings, form), SEEDS)
+        if "headline" in stages:
+            grid("headline", configs, SEEDS)
+            write_results(out / "full", headline_grid(lr, settings), stem="headline")
     return done
 
 
