@@ -510,6 +510,7 @@ def test_dorefa_binary():
     y, c = dorefa_weight_quantize(w, 1)
     E = np.abs(w).mean()
     close(y, np.where(w == 0, 1.0, np.sign(w)) * E, atol=1e-15)
+    assert E == 0.4375 and y.tolist() == [0.4375, -0.4375, 0.4375, 0.4375]   # the worked example
     dy = np.array([1.0, -2.0, 3.0, 0.5])
     close(dorefa_weight_quantize_backward(c, dy), dy)
 
