@@ -21,7 +21,9 @@ Conventions
   quantizer: codes ``{-1, +1}`` (levels ``{-s, +s}``), ``code = sign(v)`` with
   ``sign(0) = +1``, and ``(Qn, Qp) = (-1, +1)`` so that the clip range ``[Qn s, Qp s]``, the
   STE mask, LSQ's outside gradient (``Qn`` or ``Qp``) and its gradient scale
-  ``g = 1/sqrt(N Qp)`` keep their meaning (derivations Q1).
+  ``g = 1/sqrt(N Qp)`` keep their meaning (derivations Q1). ``restricted=True`` (``ste``,
+  ``lsq``, ``lsqplus``) gives the symmetric signed range ``Qn = -Qp = -(2^(b-1) - 1)``
+  (lsq-net's ``symmetric=True``; Q1).
 - ``round`` is round-half-to-even (``xp.rint``), as in NumPy, CuPy and PyTorch.
 - The straight-through mask (``ste``, ``lsq``, ``lsqplus``): ``mask="unrounded"`` (the
   default, the LSQ paper's and lsq-net's) passes the gradient where ``Qn <= v <= Qp``;
@@ -62,14 +64,15 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- range
-def qrange(bits, signed):
+def qrange(bits, signed, restricted=False):
     """Integer code range ``(Qn, Qp)`` of a ``bits``-bit quantizer (derivations Q1).
 
     .. math::
         \\text{unsigned: } Q_n = 0,\\; Q_p = 2^b - 1 \\qquad
         \\text{signed: } Q_n = -2^{b-1},\\; Q_p = 2^{b-1} - 1 \\quad (b \\ge 2)
 
-    Signed ``b = 1`` is binary: codes ``{-1, +1}``, so ``(Qn, Qp) = (-1, 1)``.
+    Signed ``b = 1`` is binary: codes ``{-1, +1}``, so ``(Qn, Qp) = (-1, 1)``. With
+    ``restricted``, signed ``b >= 2`` drops the most negative code: ``Qn = -Qp``.
 
     Parameters
     ----------
@@ -77,6 +80,9 @@ def qrange(bits, signed):
         Bit-width, 1..8.
     signed : bool
         Signed (weights) or unsigned (activations after ReLU).
+    restricted : bool
+        Signed only: the symmetric range ``Qn = -Qp = -(2^(b-1) - 1)``, one code fewer
+        (lsq-net's ``symmetric=True``; binary ``b = 1`` is already symmetric).
 
     Returns
     -------
@@ -84,11 +90,15 @@ def qrange(bits, signed):
     """
     bits = check_bits("bits", bits)
     signed = _check_flag("signed", signed)
+    if _check_flag("restricted", restricted) and not signed:
+        raise MecrefError("restricted applies to signed ranges only (Qn = -Qp), got "
+                          "restricted=True with signed=False")
     if not signed:
         return 0, 2 ** bits - 1
     if bits == 1:
         return -1, 1
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    Qp = 2 ** (bits - 1) - 1
+    return (-Qp if restricted else -Qp - 1), Qp
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -189,7 +199,7 @@ def _floor_step(s, dtype):
 
 
 # ----------------------------------------------------------------------------- STE
-def ste_quantize(x, s, bits, signed=False, mask="unrounded"):
+def ste_quantize(x, s, bits, signed=False, mask="unrounded", restricted=False):
     """Uniform fake quantizer with a given step and the straight-through estimator (Q2).
 
     .. math::
@@ -205,6 +215,8 @@ def ste_quantize(x, s, bits, signed=False, mask="unrounded"):
     mask : "unrounded" or "rounded"
         The gradient passes where ``Qn <= v <= Qp`` (default) or where
         ``Qn <= round(v) <= Qp`` (PyTorch's ``fake_quantize_per_tensor_affine``; Q10).
+    restricted : bool
+        Signed only: ``Qn = -Qp`` (:func:`qrange`).
 
     Returns
     -------
@@ -212,7 +224,7 @@ def ste_quantize(x, s, bits, signed=False, mask="unrounded"):
     cache : tuple for :func:`ste_quantize_backward`
     """
     _check_x("x", x)
-    Qn, Qp = qrange(bits, signed)
+    Qn, Qp = qrange(bits, signed, restricted)
     rounded = _check_mask(mask, bits, signed)
     s = _check_param("s", s, x)
     v = x / s
@@ -244,7 +256,7 @@ def ste_quantize_backward(cache, dy):
 
 
 # ----------------------------------------------------------------------------- LSQ
-def lsq_quantize(x, s, bits, signed=False, grad_scale=None, mask="unrounded"):
+def lsq_quantize(x, s, bits, signed=False, grad_scale=None, mask="unrounded", restricted=False):
     """Learned step size quantization, LSQ (Esser et al., ICLR 2020) (Q3, Q4).
 
     Forward as :func:`ste_quantize`; the backward also gives the step's gradient
@@ -272,6 +284,8 @@ def lsq_quantize(x, s, bits, signed=False, grad_scale=None, mask="unrounded"):
         "inside" means ``Qn <= v <= Qp`` (default, the LSQ paper) or ``Qn <= round(v) <= Qp``
         (PyTorch's ``_fake_quantize_learnable_per_tensor_affine``); the formulas above hold
         with either mask (Q10).
+    restricted : bool
+        Signed only: ``Qn = -Qp`` (:func:`qrange`; lsq-net's ``symmetric=True``).
 
     Returns
     -------
@@ -279,7 +293,7 @@ def lsq_quantize(x, s, bits, signed=False, grad_scale=None, mask="unrounded"):
     cache : tuple for :func:`lsq_quantize_backward`
     """
     _check_x("x", x)
-    Qn, Qp = qrange(bits, signed)
+    Qn, Qp = qrange(bits, signed, restricted)
     rounded = _check_mask(mask, bits, signed)
     s = _check_param("s", s, x)
     g = _check_grad_scale(grad_scale)
@@ -334,7 +348,8 @@ def lsq_init_step(x, bits, signed=False, per_channel=False):
 
 
 # ----------------------------------------------------------------------------- LSQ+
-def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None, mask="unrounded"):
+def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None, mask="unrounded",
+                     restricted=False):
     """LSQ+ (Bhalgat et al., CVPRW 2020): learned step ``s`` and offset ``beta`` (Q5).
 
     .. math::
@@ -357,6 +372,8 @@ def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None, mask="unro
     mask : "unrounded" or "rounded"
         As in :func:`lsq_quantize` (Q10); "rounded" with ``beta = -z s`` for an integer ``z``
         is PyTorch's learnable affine fake-quantizer (docs/conventions.md).
+    restricted : bool
+        Signed only: ``Qn = -Qp`` (:func:`qrange`).
 
     Returns
     -------
@@ -364,7 +381,7 @@ def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None, mask="unro
     cache : tuple for :func:`lsqplus_quantize_backward`
     """
     _check_x("x", x)
-    Qn, Qp = qrange(bits, signed)
+    Qn, Qp = qrange(bits, signed, restricted)
     rounded = _check_mask(mask, bits, signed)
     s = _check_param("s", s, x)
     beta = _check_param("beta", beta, x, positive=False)

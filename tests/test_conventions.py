@@ -248,10 +248,10 @@ def test_lsqnet(bits, all_positive, per_channel):
           2 * mean_abs / math.sqrt(Qp), rtol=1e-12)
 
 
-def test_lsqnet_symmetric_range_is_not_mecref_s():
-    """LsqQuan(symmetric=True) uses [-(2^(b-1) - 1), 2^(b-1) - 1]; mecref's signed range is
-    [-2^(b-1), 2^(b-1) - 1]. Worked example (3 bits, s = 1, x = -3.8): lsq-net -3, dx 0,
-    ds -3 (g = 1); mecref -4, dx 1, ds -4 + 3.8 = -0.2."""
+def test_lsqnet_symmetric_range():
+    """LsqQuan(symmetric=True) uses [-(2^(b-1) - 1), 2^(b-1) - 1]: mecref's restricted=True.
+    Worked example (3 bits, s = 1, g = 1, x = -3.8): lsq-net -3, dx 0, ds -3; mecref's full
+    signed range -4, dx 1, ds -4 + 3.8 = -0.2."""
     x, s = np.array([-3.8]), np.asarray(1.0)
     g = math.sqrt(3 * 1)                            # undo lsq-net's g for a readable ds
     y_ref = lsqnet_graph(x, s, -3, 3, x, s)
@@ -264,6 +264,25 @@ def test_lsqnet_symmetric_range_is_not_mecref_s():
     dx, ds = lsq_quantize_backward(c, np.ones(1))
     assert y[0] == -4.0 and dx[0] == 1.0
     close(ds, -0.2, rtol=1e-12)
+    y, c = lsq_quantize(x, 1.0, 3, signed=True, grad_scale=1.0, restricted=True)
+    dx, ds = lsq_quantize_backward(c, np.ones(1))
+    assert y[0] == -3.0 and dx[0] == 0.0 and float(ds) == -3.0
+
+    # the whole quantizer, per channel, 2..4 bits
+    rng = np.random.default_rng(11)
+    for bits in (2, 3, 4):
+        Qp = 2 ** (bits - 1) - 1
+        s = 0.3 * np.exp(rng.uniform(-0.5, 0.5, size=(3, 1)))
+        x = safe_v(rng, (3, 20), -Qp, Qp) * s
+        dy = rng.normal(size=x.shape)
+        g = 1.0 / math.sqrt(Qp * x.size)
+        y, c = lsq_quantize(x, s, bits, signed=True, grad_scale=g, restricted=True)
+        dx, ds = lsq_quantize_backward(c, dy)
+        close(y, lsqnet_graph(x, s, -Qp, Qp, x, s), atol=1e-12)
+        close(dx, fd(lambda xx: np.sum(dy * lsqnet_graph(xx, s, -Qp, Qp, x, s)), x, 1e-7),
+              rtol=1e-6, atol=1e-8)
+        close(ds, fd(lambda ss: np.sum(dy * lsqnet_graph(x, ss, -Qp, Qp, x, s)), s, 1e-3 * 0.3),
+              rtol=1e-6, atol=1e-8)
 
 
 @NEEDS_TORCH
