@@ -21,8 +21,15 @@ Conventions
   quantizer: codes ``{-1, +1}`` (levels ``{-s, +s}``), ``code = sign(v)`` with
   ``sign(0) = +1``, and ``(Qn, Qp) = (-1, +1)`` so that the clip range ``[Qn s, Qp s]``, the
   STE mask, LSQ's outside gradient (``Qn`` or ``Qp``) and its gradient scale
-  ``g = 1/sqrt(N Qp)`` keep their meaning (derivations Q1).
+  ``g = 1/sqrt(N Qp)`` keep their meaning (derivations Q1). ``restricted=True`` (``ste``,
+  ``lsq``, ``lsqplus``) gives the symmetric signed range ``Qn = -Qp = -(2^(b-1) - 1)``
+  (lsq-net's ``symmetric=True``; Q1).
 - ``round`` is round-half-to-even (``xp.rint``), as in NumPy, CuPy and PyTorch.
+- The straight-through mask (``ste``, ``lsq``, ``lsqplus``): ``mask="unrounded"`` (the
+  default, the LSQ paper's and lsq-net's) passes the gradient where ``Qn <= v <= Qp``;
+  ``mask="rounded"`` (PyTorch's fake-quantize ops) where ``Qn <= round(v) <= Qp``, about
+  ``[Qn - 1/2, Qp + 1/2]``. Values are the same; gradients differ in the two half-step
+  bands just outside the range (derivations Q10, docs/conventions.md).
 - Steps ``s`` (and ``alpha``, ``beta``) are a Python number or an array that broadcasts
   against ``x`` without enlarging it: ``()`` per tensor, ``(C_out, 1, 1, 1)`` per output
   channel of a conv weight ``(C_out, C_in, k, k)``, ``(C_out, 1)`` for a linear weight
@@ -43,7 +50,7 @@ import numbers
 import numpy as np
 
 from .backend import MecrefError, array_module
-from .validate import check_array, check_bits, check_positive
+from .validate import check_array, check_bits, check_choice, check_positive
 
 __all__ = [
     "qrange",
@@ -57,14 +64,15 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- range
-def qrange(bits, signed):
+def qrange(bits, signed, restricted=False):
     """Integer code range ``(Qn, Qp)`` of a ``bits``-bit quantizer (derivations Q1).
 
     .. math::
         \\text{unsigned: } Q_n = 0,\\; Q_p = 2^b - 1 \\qquad
         \\text{signed: } Q_n = -2^{b-1},\\; Q_p = 2^{b-1} - 1 \\quad (b \\ge 2)
 
-    Signed ``b = 1`` is binary: codes ``{-1, +1}``, so ``(Qn, Qp) = (-1, 1)``.
+    Signed ``b = 1`` is binary: codes ``{-1, +1}``, so ``(Qn, Qp) = (-1, 1)``. With
+    ``restricted``, signed ``b >= 2`` drops the most negative code: ``Qn = -Qp``.
 
     Parameters
     ----------
@@ -72,6 +80,9 @@ def qrange(bits, signed):
         Bit-width, 1..8.
     signed : bool
         Signed (weights) or unsigned (activations after ReLU).
+    restricted : bool
+        Signed only: the symmetric range ``Qn = -Qp = -(2^(b-1) - 1)``, one code fewer
+        (lsq-net's ``symmetric=True``; binary ``b = 1`` is already symmetric).
 
     Returns
     -------
@@ -79,11 +90,15 @@ def qrange(bits, signed):
     """
     bits = check_bits("bits", bits)
     signed = _check_flag("signed", signed)
+    if _check_flag("restricted", restricted) and not signed:
+        raise MecrefError("restricted applies to signed ranges only (Qn = -Qp), got "
+                          "restricted=True with signed=False")
     if not signed:
         return 0, 2 ** bits - 1
     if bits == 1:
         return -1, 1
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    Qp = 2 ** (bits - 1) - 1
+    return (-Qp if restricted else -Qp - 1), Qp
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -129,6 +144,18 @@ def _check_grad_scale(grad_scale):
     return check_positive("grad_scale", grad_scale)
 
 
+MASKS = ("unrounded", "rounded")
+
+
+def _check_mask(mask, bits, signed):
+    check_choice("mask", mask, MASKS)
+    if mask == "rounded" and signed and bits == 1:
+        raise MecrefError("mask must be 'unrounded' for the binary quantizer (signed, bits=1): "
+                          "its code sign(v) is never out of range, so a rounded-code mask would "
+                          "pass every gradient; got mask='rounded'")
+    return mask == "rounded"
+
+
 def _check_dy(dy, shape):
     if not hasattr(dy, "shape"):
         raise TypeError(f"dy must be a numpy/cupy array, got {type(dy).__name__}")
@@ -146,9 +173,10 @@ def _sum_to_shape(a, shape):
     return a.reshape(shape)
 
 
-def _codes(v, Qn, Qp, binary):
+def _codes(v, Qn, Qp, binary, rounded=False):
     """Integer codes ``clip(round(v), Qn, Qp)`` (binary: ``sign(v)``, sign(0) = +1) and the
-    STE mask ``Qn <= v <= Qp`` (derivations Q1, Q2)."""
+    STE mask ``Qn <= v <= Qp`` (derivations Q1, Q2), or with ``rounded`` the mask
+    ``Qn <= round(v) <= Qp`` (Q10)."""
     xp = array_module(v)
     if binary:
         code = (v >= 0).astype(v.dtype)
@@ -156,8 +184,11 @@ def _codes(v, Qn, Qp, binary):
         code -= 1
     else:
         code = xp.rint(v)
+        if rounded:
+            inside = (code >= Qn) & (code <= Qp)
         xp.clip(code, Qn, Qp, out=code)
-    inside = (v >= Qn) & (v <= Qp)
+    if not rounded:
+        inside = (v >= Qn) & (v <= Qp)
     return code, inside
 
 
@@ -168,7 +199,7 @@ def _floor_step(s, dtype):
 
 
 # ----------------------------------------------------------------------------- STE
-def ste_quantize(x, s, bits, signed=False):
+def ste_quantize(x, s, bits, signed=False, mask="unrounded", restricted=False):
     """Uniform fake quantizer with a given step and the straight-through estimator (Q2).
 
     .. math::
@@ -181,6 +212,11 @@ def ste_quantize(x, s, bits, signed=False):
     bits : int, 1..8
     signed : bool
         ``(Qn, Qp)`` from :func:`qrange`; signed ``b = 1`` gives levels ``{-s, +s}``.
+    mask : "unrounded" or "rounded"
+        The gradient passes where ``Qn <= v <= Qp`` (default) or where
+        ``Qn <= round(v) <= Qp`` (PyTorch's ``fake_quantize_per_tensor_affine``; Q10).
+    restricted : bool
+        Signed only: ``Qn = -Qp`` (:func:`qrange`).
 
     Returns
     -------
@@ -188,10 +224,11 @@ def ste_quantize(x, s, bits, signed=False):
     cache : tuple for :func:`ste_quantize_backward`
     """
     _check_x("x", x)
-    Qn, Qp = qrange(bits, signed)
+    Qn, Qp = qrange(bits, signed, restricted)
+    rounded = _check_mask(mask, bits, signed)
     s = _check_param("s", s, x)
     v = x / s
-    code, inside = _codes(v, Qn, Qp, binary=signed and bits == 1)
+    code, inside = _codes(v, Qn, Qp, binary=signed and bits == 1, rounded=rounded)
     code *= s
     return code, (inside,)
 
@@ -201,6 +238,8 @@ def ste_quantize_backward(cache, dy):
 
     .. math::
         \\frac{\\partial y}{\\partial x} = 1[Q_n \\le x/s \\le Q_p]
+
+    (``mask="rounded"``: ``1[Qn <= round(x/s) <= Qp]``, Q10.)
 
     Parameters
     ----------
@@ -217,7 +256,7 @@ def ste_quantize_backward(cache, dy):
 
 
 # ----------------------------------------------------------------------------- LSQ
-def lsq_quantize(x, s, bits, signed=False, grad_scale=None):
+def lsq_quantize(x, s, bits, signed=False, grad_scale=None, mask="unrounded", restricted=False):
     """Learned step size quantization, LSQ (Esser et al., ICLR 2020) (Q3, Q4).
 
     Forward as :func:`ste_quantize`; the backward also gives the step's gradient
@@ -241,6 +280,12 @@ def lsq_quantize(x, s, bits, signed=False, grad_scale=None):
     signed : bool
     grad_scale : float > 0 or None
         ``g``; None gives ``1/sqrt(N Qp)``, 1.0 disables the scaling.
+    mask : "unrounded" or "rounded"
+        "inside" means ``Qn <= v <= Qp`` (default, the LSQ paper) or ``Qn <= round(v) <= Qp``
+        (PyTorch's ``_fake_quantize_learnable_per_tensor_affine``); the formulas above hold
+        with either mask (Q10).
+    restricted : bool
+        Signed only: ``Qn = -Qp`` (:func:`qrange`; lsq-net's ``symmetric=True``).
 
     Returns
     -------
@@ -248,13 +293,14 @@ def lsq_quantize(x, s, bits, signed=False, grad_scale=None):
     cache : tuple for :func:`lsq_quantize_backward`
     """
     _check_x("x", x)
-    Qn, Qp = qrange(bits, signed)
+    Qn, Qp = qrange(bits, signed, restricted)
+    rounded = _check_mask(mask, bits, signed)
     s = _check_param("s", s, x)
     g = _check_grad_scale(grad_scale)
     if g is None:
         g = 1.0 / math.sqrt((x.size // s.size) * Qp)
     v = x / s
-    code, inside = _codes(v, Qn, Qp, binary=signed and bits == 1)
+    code, inside = _codes(v, Qn, Qp, binary=signed and bits == 1, rounded=rounded)
     y = code * s
     v *= inside
     code -= v                      # dy/ds: code - v inside, Qn or Qp outside
@@ -302,7 +348,8 @@ def lsq_init_step(x, bits, signed=False, per_channel=False):
 
 
 # ----------------------------------------------------------------------------- LSQ+
-def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None):
+def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None, mask="unrounded",
+                     restricted=False):
     """LSQ+ (Bhalgat et al., CVPRW 2020): learned step ``s`` and offset ``beta`` (Q5).
 
     .. math::
@@ -322,6 +369,11 @@ def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None):
     bits : int, 1..8
     signed : bool
     grad_scale : float > 0 or None
+    mask : "unrounded" or "rounded"
+        As in :func:`lsq_quantize` (Q10); "rounded" with ``beta = -z s`` for an integer ``z``
+        is PyTorch's learnable affine fake-quantizer (docs/conventions.md).
+    restricted : bool
+        Signed only: ``Qn = -Qp`` (:func:`qrange`).
 
     Returns
     -------
@@ -329,7 +381,8 @@ def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None):
     cache : tuple for :func:`lsqplus_quantize_backward`
     """
     _check_x("x", x)
-    Qn, Qp = qrange(bits, signed)
+    Qn, Qp = qrange(bits, signed, restricted)
+    rounded = _check_mask(mask, bits, signed)
     s = _check_param("s", s, x)
     beta = _check_param("beta", beta, x, positive=False)
     g = _check_grad_scale(grad_scale)
@@ -337,7 +390,7 @@ def lsqplus_quantize(x, s, beta, bits, signed=False, grad_scale=None):
     g_beta = g if g is not None else 1.0 / math.sqrt((x.size // beta.size) * Qp)
     v = x - beta
     v /= s
-    code, inside = _codes(v, Qn, Qp, binary=signed and bits == 1)
+    code, inside = _codes(v, Qn, Qp, binary=signed and bits == 1, rounded=rounded)
     y = code * s
     y += beta
     v *= inside

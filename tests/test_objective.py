@@ -276,7 +276,7 @@ def test_train_gradient_with_the_regulariser_also_at_the_blocks(reg, monkeypatch
     eps_b = eps sqrt(d_b / d) (T3), written with the same oracles, against central
     differences of every sampled parameter."""
     import sys
-    mod = sys.modules[__name__]
+    mod, eps0 = sys.modules[__name__], EPS  # the oracles read the module's EPS: set it per place
     cfg = train.TrainConfig(quantizer="fp32", reg=reg, reg_weight=BETA, eps=EPS, order=ORDER,
                             experts=EXPERTS, width=WIDTH, reg_at="blocks").validate()
     model = _model(cfg)
@@ -287,14 +287,14 @@ def test_train_gradient_with_the_regulariser_also_at_the_blocks(reg, monkeypatch
     def places():
         logits, h, taps = model.forward(x, train=True, taps=("pool1", "pool2"))
         rows = [h] + [t.reshape(len(t), -1) for t in (taps["pool1"], taps["pool2"])]
-        return logits, [(r, EPS * np.sqrt(r.shape[1] / h.shape[1])) for r in rows]
+        return logits, [(r, eps0 * np.sqrt(r.shape[1] / h.shape[1])) for r in rows]
 
     def reg_value(rows_eps, frozen):
         total = 0.0
         for (R, eps_b), fr in zip(rows_eps, frozen):
-            monkeypatch.setattr(mod, "EPS", eps_b)  # the oracles read the module's EPS
+            monkeypatch.setattr(mod, "EPS", eps_b)
             total += _oracle(reg)[0](R[:B], R[B:], fr)
-        monkeypatch.setattr(mod, "EPS", EPS)
+        monkeypatch.setattr(mod, "EPS", eps0)
         return total
 
     _, rows_eps = places()
@@ -302,7 +302,7 @@ def test_train_gradient_with_the_regulariser_also_at_the_blocks(reg, monkeypatch
     for R, eps_b in rows_eps:
         monkeypatch.setattr(mod, "EPS", eps_b)
         frozen.append(_oracle(reg)[1](R[:B], R[B:]))
-    monkeypatch.setattr(mod, "EPS", EPS)
+    monkeypatch.setattr(mod, "EPS", eps0)
 
     def objective():
         logits, rows = places()

@@ -92,6 +92,21 @@ def test_qrange(bits, signed):
     assert levels == 2**bits                      # b bits give 2^b levels, binary included
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_qrange_restricted(bits):
+    """Q1: the restricted signed range is symmetric, -Qn = Qp = 2^(b-1) - 1 (b >= 2), one
+    level fewer than 2^b; binary unchanged; unsigned refused."""
+    Qn, Qp = qrange(bits, True, restricted=True)
+    if bits == 1:
+        assert (Qn, Qp) == (-1, 1)
+    else:
+        assert (Qn, Qp) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+        assert Qp - Qn + 1 == 2**bits - 1
+        assert qrange(bits, True)[1] == Qp
+    with pytest.raises(MecrefError, match="^restricted "):
+        qrange(bits, False, restricted=True)
+
+
 # ----------------------------------------------------------------------------- Q2 STE
 @given(shape=shape_st, bits=bits_st, signed=st.booleans(), scale=scale_st,
        per_channel=st.booleans(), seed=seed_st)
@@ -425,6 +440,12 @@ def _run_all(x, dy, bits=3):
     out += [y, *lsq_quantize_backward(c, dy)]
     y, c = lsqplus_quantize(x, xp_s, 0.1, bits)
     out += [y, *lsqplus_quantize_backward(c, dy)]
+    y, c = ste_quantize(x, xp_s, bits, signed=True, mask="rounded", restricted=True)
+    out += [y, ste_quantize_backward(c, dy)]
+    y, c = lsq_quantize(x, xp_s, bits, signed=True, mask="rounded")
+    out += [y, *lsq_quantize_backward(c, dy)]
+    y, c = lsqplus_quantize(x, xp_s, 0.1, bits, signed=True, mask="rounded", restricted=True)
+    out += [y, *lsqplus_quantize_backward(c, dy)]
     y, c = pact_quantize(x, 1.5, bits)
     out += [y, *pact_quantize_backward(c, dy)]
     y, c = dorefa_weight_quantize(x, bits)
@@ -496,6 +517,12 @@ X = np.ones((3, 4))
     (lambda: qrange(2, None), TypeError, "signed"),
     (lambda: ste_quantize_backward(ste_quantize(X, 0.1, 2)[1], np.ones(3)), MecrefError, "dy"),
     (lambda: lsq_quantize_backward(lsq_quantize(X, 0.1, 2)[1], [1.0]), TypeError, "dy"),
+    (lambda: ste_quantize(X, 0.1, 2, mask="code"), MecrefError, "mask"),
+    (lambda: lsq_quantize(X, 0.1, 2, mask=None), MecrefError, "mask"),
+    (lambda: lsq_quantize(X, 0.1, 1, signed=True, mask="rounded"), MecrefError, "mask"),
+    (lambda: lsqplus_quantize(X, 0.1, 0.0, 2, mask="Rounded"), MecrefError, "mask"),
+    (lambda: lsq_quantize(X, 0.1, 2, restricted=1), TypeError, "restricted"),
+    (lambda: ste_quantize(X, 0.1, 2, signed=False, restricted=True), MecrefError, "restricted"),
 ])
 def test_bad_arguments_raise_naming_them(call, exc, name):
     with pytest.raises(exc) as info:
@@ -586,3 +613,167 @@ def test_binary_sign_of_zero_is_plus_one():
         np.testing.assert_array_equal(y, [s, s])
     w = np.array([0.0, 1.0, -2.0])
     np.testing.assert_array_equal(dorefa_weight_quantize(w, 1)[0], [1.0, 1.0, -1.0])  # E = 1
+
+
+# ----------------------------------------------------------------------------- Q10: rounded mask
+multi_level = st.tuples(bits_st, st.booleans()).filter(lambda bs: not (bs[1] and bs[0] == 1))
+
+
+@given(shape=shape_st, bs=multi_level, scale=scale_st, per_channel=st.booleans(), seed=seed_st)
+def test_rounded_mask_gradients_match_fd_of_the_widened_surrogate(shape, bs, scale, per_channel,
+                                                                  seed):
+    """mask="rounded" (Q10): dx and ds of STE, LSQ and LSQ+ are central differences of the
+    Q2/Q3/Q5 surrogates with the clip edges moved to Qn - 1/2 and Qp + 1/2; the values are
+    those of the default mask."""
+    bits, signed = bs
+    rng = np.random.default_rng(seed)
+    Qn, Qp = expected_range(bits, signed)
+    lo, hi = Qn - 0.5, Qp + 0.5
+    s = make_step(rng, shape, scale, per_channel)
+    beta = rng.normal(size=np.shape(s)) * scale if per_channel else float(rng.normal() * scale)
+    v = safe_v(rng, shape, Qn, Qp)
+    dy = rng.normal(size=shape)
+    code = np.clip(np.round(v), Qn, Qp)
+    g = 1.0 / math.sqrt(n_per_step(shape, s) * Qp)
+    frozen = code - np.clip(v, lo, hi)
+
+    x = v * s
+    y, c = ste_quantize(x, s, bits, signed=signed, mask="rounded")
+    np.testing.assert_array_equal(y, ste_quantize(x, s, bits, signed=signed)[0])
+    surrogate_x = lambda z: s * np.clip(z / s, lo, hi)
+    fd_x = fd_elementwise(surrogate_x, x, 1e-6 * s * np.ones(shape))
+    np.testing.assert_allclose(ste_quantize_backward(c, dy), dy * fd_x, rtol=1e-6, atol=1e-9)
+
+    y, c = lsq_quantize(x, s, bits, signed=signed, mask="rounded")
+    np.testing.assert_array_equal(y, lsq_quantize(x, s, bits, signed=signed)[0])
+    dx, ds = lsq_quantize_backward(c, dy)
+    np.testing.assert_allclose(dx, dy * fd_x, rtol=1e-6, atol=1e-9)
+    loss_sur = lambda sp: np.sum(dy * sp * (np.clip(x / sp, lo, hi) + frozen))
+    np.testing.assert_allclose(ds, g * fd_param(loss_sur, s, 1e-5 * np.asarray(s)),
+                               rtol=1e-5, atol=1e-7)
+
+    xb = v * s + beta
+    y, c = lsqplus_quantize(xb, s, beta, bits, signed=signed, mask="rounded")
+    np.testing.assert_array_equal(y, lsqplus_quantize(xb, s, beta, bits, signed=signed)[0])
+    dx, ds, dbeta = lsqplus_quantize_backward(c, dy)
+    F = lambda xx, sp, bp: sp * (np.clip((xx - bp) / sp, lo, hi) + frozen) + bp
+    np.testing.assert_allclose(
+        dx, dy * fd_elementwise(lambda z: F(z, s, beta), xb, 1e-6 * s * np.ones(shape)),
+        rtol=1e-6, atol=1e-9)
+    hs = 1e-5 * np.min(s)
+    np.testing.assert_allclose(ds, g * fd_param(lambda sp: np.sum(dy * F(xb, sp, beta)), s, hs),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dbeta, g * fd_param(lambda bp: np.sum(dy * F(xb, s, bp)), beta, hs),
+                               rtol=1e-5, atol=1e-7)
+
+
+@given(bs=multi_level, seed=seed_st)
+def test_rounded_mask_differs_only_in_the_half_step_bands(bs, seed):
+    """Identity (Q10): the two masks give the same dx and per-element dy/ds except where
+    v lies in (Qp, Qp + 1/2) or (Qn - 1/2, Qn); there rounded gives dx = dy and round(v) - v."""
+    bits, signed = bs
+    rng = np.random.default_rng(seed)
+    Qn, Qp = expected_range(bits, signed)
+    v = safe_v(rng, (64,), Qn, Qp)
+    dy = np.ones_like(v)
+    band = ((v > Qp) & (v < Qp + 0.5)) | ((v > Qn - 0.5) & (v < Qn))
+    _, c_u = lsq_quantize(v, 1.0, bits, signed=signed, grad_scale=1.0)
+    _, c_r = lsq_quantize(v, 1.0, bits, signed=signed, grad_scale=1.0, mask="rounded")
+    # one element at a time gives the per-element dy/ds
+    per = lambda m: np.array([lsq_quantize_backward(
+        lsq_quantize(v[i:i + 1], 1.0, bits, signed=signed, grad_scale=1.0, mask=m)[1],
+        np.ones(1))[1] for i in range(v.size)])
+    dsu, dsr = per("unrounded"), per("rounded")
+    dxu, dxr = lsq_quantize_backward(c_u, dy)[0], lsq_quantize_backward(c_r, dy)[0]
+    np.testing.assert_array_equal(dxu[~band], dxr[~band])
+    np.testing.assert_array_equal(dsu[~band], dsr[~band])
+    np.testing.assert_array_equal(dxu[band], 0.0)
+    np.testing.assert_array_equal(dxr[band], 1.0)
+    np.testing.assert_allclose(dsr[band], np.round(v[band]) - v[band], rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(dsu[band], np.where(v[band] > Qp, Qp, Qn))
+
+
+def test_rounded_mask_worked_example():
+    """docs/derivations.md Q10 and docs/conventions.md: 2-bit unsigned, s = 1, g = 1, x = 3.3."""
+    x = np.array([3.3])
+    for mask, dx_want, ds_want in [("unrounded", 0.0, 3.0), ("rounded", 1.0, -0.3)]:
+        y, c = lsq_quantize(x, 1.0, 2, grad_scale=1.0, mask=mask)
+        dx, ds = lsq_quantize_backward(c, np.ones(1))
+        assert y[0] == 3.0 and dx[0] == dx_want
+        assert abs(float(ds) - ds_want) < 1e-12
+
+
+def test_rounded_mask_ties_follow_round_half_to_even():
+    """Q10: v = Qp + 1/2 is inside only for an even Qp, v = Qn - 1/2 only for an even Qn."""
+    cases = [(2, False, 3.5, False), (2, True, 1.5, False), (2, True, -2.5, True),
+             (3, True, -4.5, True), (1, False, 1.5, False), (1, False, -0.5, True)]
+    for bits, signed, v, inside in cases:
+        _, c = ste_quantize(np.array([v]), 1.0, bits, signed=signed, mask="rounded")
+        assert ste_quantize_backward(c, np.ones(1))[0] == float(inside), (bits, signed, v)
+
+
+# ----------------------------------------------------------------------------- Q1: restricted range
+@given(shape=shape_st, bits=st.integers(2, 8), rounded=st.booleans(), scale=scale_st,
+       per_channel=st.booleans(), seed=seed_st)
+def test_restricted_range_gradients_match_fd(shape, bits, rounded, scale, per_channel, seed):
+    """restricted=True (Q1): Qn = -Qp; values on that grid, and dx, ds (STE, LSQ, LSQ+) central
+    differences of the surrogates of Q2/Q3/Q5 (Q10's widened ones with mask="rounded")."""
+    rng = np.random.default_rng(seed)
+    Qp = 2 ** (bits - 1) - 1
+    Qn = -Qp
+    w = 0.5 if rounded else 0.0
+    lo, hi = Qn - w, Qp + w
+    mask = "rounded" if rounded else "unrounded"
+    s = make_step(rng, shape, scale, per_channel)
+    beta = rng.normal(size=np.shape(s)) * scale if per_channel else float(rng.normal() * scale)
+    v = safe_v(rng, shape, Qn, Qp)
+    dy = rng.normal(size=shape)
+    code = np.clip(np.round(v), Qn, Qp)
+    frozen = code - np.clip(v, lo, hi)
+    g = 1.0 / math.sqrt(n_per_step(shape, s) * Qp)
+    x = v * s
+
+    y, c = ste_quantize(x, s, bits, signed=True, mask=mask, restricted=True)
+    np.testing.assert_allclose(y, s * code, rtol=1e-12, atol=1e-12 * scale)
+    fd_x = fd_elementwise(lambda z: s * np.clip(z / s, lo, hi), x, 1e-6 * s * np.ones(shape))
+    np.testing.assert_allclose(ste_quantize_backward(c, dy), dy * fd_x, rtol=1e-6, atol=1e-9)
+
+    y, c = lsq_quantize(x, s, bits, signed=True, mask=mask, restricted=True)
+    dx, ds = lsq_quantize_backward(c, dy)
+    np.testing.assert_allclose(dx, dy * fd_x, rtol=1e-6, atol=1e-9)
+    loss_sur = lambda sp: np.sum(dy * sp * (np.clip(x / sp, lo, hi) + frozen))
+    np.testing.assert_allclose(ds, g * fd_param(loss_sur, s, 1e-5 * np.asarray(s)),
+                               rtol=1e-5, atol=1e-7)
+
+    xb = x + beta
+    y, c = lsqplus_quantize(xb, s, beta, bits, signed=True, mask=mask, restricted=True)
+    dx, ds, dbeta = lsqplus_quantize_backward(c, dy)
+    F = lambda xx, sp, bp: sp * (np.clip((xx - bp) / sp, lo, hi) + frozen) + bp
+    np.testing.assert_allclose(y, s * code + beta, rtol=1e-9, atol=1e-9 * scale)
+    hs = 1e-5 * np.min(s)
+    np.testing.assert_allclose(ds, g * fd_param(lambda sp: np.sum(dy * F(xb, sp, beta)), s, hs),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dbeta, g * fd_param(lambda bp: np.sum(dy * F(xb, s, bp)), beta, hs),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_restricted_range_differs_only_below_minus_qp(rng):
+    """Identity (Q1): restricted and full signed ranges give the same y, dx, ds for v >= -Qp."""
+    for bits in (2, 3, 8):
+        Qp = 2 ** (bits - 1) - 1
+        v = safe_v(rng, (200,), -Qp - 1, Qp)
+        r = lsq_quantize(v, 1.0, bits, signed=True, grad_scale=1.0, restricted=True)
+        f = lsq_quantize(v, 1.0, bits, signed=True, grad_scale=1.0)
+        keep = v >= -Qp
+        assert (~keep).any()
+        np.testing.assert_array_equal(r[0][keep], f[0][keep])
+        np.testing.assert_array_equal(r[0][~keep], -Qp)
+        for m in (keep, ~keep):
+            dy = m * 1.0
+            (dxr, dsr), (dxf, dsf) = lsq_quantize_backward(r[1], dy), lsq_quantize_backward(f[1], dy)
+            if m is keep:
+                np.testing.assert_array_equal(dxr, dxf)
+                np.testing.assert_allclose(dsr, dsf, rtol=1e-12)
+            else:
+                np.testing.assert_array_equal(dxr, 0.0)
+                assert float(dsr) == -Qp * m.sum()
