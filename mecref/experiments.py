@@ -658,7 +658,7 @@ def _shown(row, key):
     if key in ("order", "experts"):
         acts = row["reg"] is not None and key in regularizers.get(row["reg"]).params
         return row[key] if acts else None
-    return row[key]
+    return row.get(key, _NEUTRAL.get(key))  # rows written before the field existed
 
 
 def _fmt(v):

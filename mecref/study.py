@@ -10,7 +10,8 @@ stage writes ``<stage>.csv`` and ``<stage>.json`` (its summary rows) in its fold
    (LSQ at W2A2, from an FP32 pretraining of the same seed).
 2. ``strength``: every form (exact, Taylor n=4, MOE K = 2, 4, 8) over ONE grid of eps x beta on
    the bundled validation split (:func:`mecref.experiments.sweep_grid`); each form's best
-   setting by validation accuracy.
+   setting by validation accuracy. ``control``: the mixture's objective with one expert
+   (K = 1) on the same grid, the MOE diagnosis's control.
 3. ``headline``: the full Fashion-MNIST (55,000 train / 5,000 validation / 10,000 test), the
    standard protocol (FP32 pretraining per seed, then every method from it), FP32, STE,
    DoReFa+PACT, LSQ, LSQ+ and every form at its validated setting, W2A2 then W4A4, 5 seeds.
@@ -43,8 +44,12 @@ SWEEP_SEEDS = (0,)
 BUNDLED = dict(dataset="bundled", val_size=2000)
 FULL = dict(dataset="fashion-mnist", val_size=5000)
 HEADLINE_BITS = ((2, 2), (4, 4))
-STAGES = ("lr", "strength", "headline", "placement")
-STAGE_DIR = dict(lr="bundled", strength="bundled", headline="full", placement="full")
+STAGES = ("lr", "strength", "control", "headline", "placement")
+STAGE_DIR = dict(lr="bundled", strength="bundled", control="bundled", headline="full",
+                 placement="full")
+# The MOE diagnosis's control: one expert (m_k = m = 128 > d = 64), the same objective as the
+# mixture form (each view's own coding length, no alignment of the two views) on the whole batch
+CONTROL_FORMS = ({"reg": "moe", "experts": 1},)
 
 
 def lr_grid() -> list:
@@ -64,6 +69,11 @@ def chosen_lr(out) -> float:
 def strength_grid(lr: float) -> list:
     """Every form over the same eps x beta grid, bundled validation split, W2A2."""
     return sweep_grid(**BUNDLED, **PROTOCOL, lr=lr)
+
+
+def control_grid(lr: float) -> list:
+    """MOE with K = 1 over the strength grid: the mixture's objective without the experts."""
+    return sweep_grid(forms=CONTROL_FORMS, **BUNDLED, **PROTOCOL, lr=lr)
 
 
 def chosen_settings(out, lr: float) -> dict:
@@ -110,6 +120,8 @@ def run_study(out, stages=STAGES, workers: int = 2, progress=True, placement_for
     done["lr"] = lr
     if "strength" in stages:
         grid("strength", strength_grid(lr), SWEEP_SEEDS)
+    if "control" in stages:
+        grid("control", control_grid(lr), SWEEP_SEEDS)
     if not {"headline", "placement"} & set(stages):
         return done
     settings = chosen_settings(out, lr)
@@ -208,7 +220,8 @@ def moe_diagnosis(out, lr: float | None = None, n_samples: int = 2000) -> list:
     from .experiments import cell_key, form_label, load_runs, model_from_checkpoint
     out = Path(out)
     lr = chosen_lr(out) if lr is None else lr
-    wanted = {cell_key(c, seed) for c in strength_grid(lr) for seed in SWEEP_SEEDS}
+    wanted = {cell_key(c, seed) for c in strength_grid(lr) + control_grid(lr)
+              for seed in SWEEP_SEEDS}
     rows, cache = [], {}
     for rec in load_runs(out / "bundled"):
         cfg = rec["config"]
@@ -247,7 +260,10 @@ def plot_moe_diagnosis(rows, path, beta: float):
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator
     sub = [r for r in rows if r["reg_weight"] == beta or r["reg"] is None]
-    forms = [f for f in dict.fromkeys(r["form"] for r in sub) if f != "LSQ"]
+    order = ["exact", "Taylor n=4", "MOE K=2", "MOE K=4", "MOE K=8", "MOE K=1"]
+    forms = sorted((f for f in dict.fromkeys(r["form"] for r in sub) if f != "LSQ"),
+                   key=lambda f: order.index(f) if f in order else len(order))
+    color = {f: f"C{order.index(f)}" if f in order else None for f in forms}
     base = [r for r in sub if r["reg"] is None]
     fig = Figure(figsize=(13, 3.6), layout="constrained")
     axes = fig.subplots(1, 4)
@@ -259,14 +275,16 @@ def plot_moe_diagnosis(rows, path, beta: float):
 
     def value(r, key):
         if key == "same_cos":
-            return r[f"same_cos_K{r['experts'] or 4}"]
+            k = r["experts"] if r["experts"] and r["experts"] > 1 else 4
+            return r[f"same_cos_K{k}"]
         return r[key]
 
     for ax, (key, title, scale) in zip(axes, panels):
         for form in forms:
             line = sorted((r for r in sub if r["form"] == form), key=lambda r: r["eps"])
             ax.plot([r["eps"] for r in line], [scale * value(r, key) for r in line], "o-",
-                    label=form, ms=4)
+                    label=form + (" (control)" if form == "MOE K=1" else ""), ms=4,
+                    color=color[form], ls="--" if form == "MOE K=1" else "-")
         for r in base:
             ax.axhline(scale * value(r, key), color="0.4", ls="--", label="LSQ (no regulariser)")
         ax.set_xscale("log", base=2)
