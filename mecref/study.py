@@ -71,9 +71,14 @@ def strength_grid(lr: float) -> list:
     return sweep_grid(**BUNDLED, **PROTOCOL, lr=lr)
 
 
+CONTROL_BETAS, CONTROL_EPS = (0.2, 1.0), (1.0, 2.0, 4.0, 8.0)
+
+
 def control_grid(lr: float) -> list:
-    """MOE with K = 1 over the strength grid: the mixture's objective without the experts."""
-    return sweep_grid(forms=CONTROL_FORMS, **BUNDLED, **PROTOCOL, lr=lr)
+    """MOE with K = 1, the mixture's objective without the experts, on the part of the
+    strength grid where the mixture forms collapsed (beta 0.2 and 1, eps 1 to 8)."""
+    return sweep_grid(forms=CONTROL_FORMS, reg_weights=CONTROL_BETAS, eps_values=CONTROL_EPS,
+                      **BUNDLED, **PROTOCOL, lr=lr)
 
 
 def chosen_settings(out, lr: float) -> dict:
