@@ -374,6 +374,14 @@ def _moe_verdict(rows):
     for form in sorted(fails, key=lambda f: -len(fails[f])):
         L.append(f"- {form}: {len(fails[form])} of the grid's settings ("
                  + ", ".join(f"beta {b:g} eps {e:g}" for b, e in fails[form]) + ")")
+    ctrl = {(r["reg_weight"], r["eps"]) for r in rows if r["experts"] == 1}
+    if ctrl:
+        inside = all(se in ctrl for f, ses in fails.items() if f != "MOE K=1" for se in ses)
+        L += ["", "The one-expert control (K = 1: each view's own coding length on the whole "
+              "batch, m = 128 > d) ran on " + ", ".join(f"beta {b:g} eps {e:g}" for b, e in sorted(ctrl))
+              + (", which holds every setting where another form collapsed, so the counts "
+                 "below compare like with like." if inside else
+                 "; some collapses of other forms lie outside it, so its count is a lower bound.")]
     c = {k: len(fails.get(f"MOE K={k}", [])) for k in (1, 2, 4, 8)}
     exact = len(fails.get("exact", []))
     counts = (f"collapsed settings: K=8 {c[8]}, K=4 {c[4]}, K=2 {c[2]}, the one-expert control "
