@@ -124,7 +124,8 @@ def _quick_model(q, w, a, fl, seed=0):
     rng = np.random.default_rng(seed)
     for bn in (model.layers[1], model.layers[4], model.layers[7]):
         bn.momentum = 1.0   # running statistics = the last batch's
-        bn.params["gamma"][...] = rng.uniform(0.5, 1.5, bn.params["gamma"].shape) * rng.choice([-1, 1], bn.params["gamma"].shape)
+        C = bn.params["gamma"].shape
+        bn.params["gamma"][...] = rng.uniform(0.5, 1.5, C) * rng.choice([-1, 1], C)
         bn.params["beta"][...] = rng.uniform(-0.3, 0.3, bn.params["beta"].shape)
     x = load_bundled().x_train
     for i in range(3):

@@ -115,7 +115,7 @@ def _model(cfg, seed=3):
     return nn.small_cnn(**cfg.model_config(), seed=seed).astype(np.float64)
 
 
-def _batch(seed=0):
+def _batch():
     ds = mdata.load_bundled()
     xb = mdata.normalize(ds.x_train[:B]).astype(np.float64)
     return xb, ds.y_train[:B].astype(np.int64)
@@ -191,7 +191,8 @@ def test_train_gradient_is_the_gradient_of_the_whole_objective(reg):
     np.testing.assert_allclose(analytic, fd, rtol=1e-5, atol=1e-7 * scale)
 
     if reg is not None:  # the regulariser's part is far above the tolerance: dropping it fails
-        fd_ce = _central_difference(model, entries, lambda: _objective(model, x1, x2, yb, reg, BETA, frozen)[0])
+        fd_ce = _central_difference(
+            model, entries, lambda: _objective(model, x1, x2, yb, reg, BETA, frozen)[0])
         assert np.abs(fd - fd_ce).max() > 1e-2 * scale
 
 
@@ -258,7 +259,8 @@ def test_regulariser_moves_the_parameters_along_its_own_gradient(reg):
     entries = _sample(model)
     fd_reg = _central_difference(model, entries, lambda: _objective(model, x1, x2, yb, reg, BETA, frozen)[1])
     delta = np.array([(after[BETA][name] - after[0.0][name]).reshape(-1)[i] for name, _, _, i in entries])
-    np.testing.assert_allclose(delta, -lr * BETA * fd_reg, rtol=1e-5, atol=1e-7 * lr * BETA * np.abs(fd_reg).max())
+    np.testing.assert_allclose(delta, -lr * BETA * fd_reg, rtol=1e-5,
+                               atol=1e-7 * lr * BETA * np.abs(fd_reg).max())
     assert np.abs(delta).max() > 0
 
     def reg_at(params):

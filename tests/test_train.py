@@ -23,7 +23,10 @@ def test_fp32_learns_well_above_chance(fp_run):
     res, _ = fp_run
     h = res.history
     assert len(h) == 2 and h[-1]["ce"] < h[0]["ce"]
-    assert res.test_acc > 0.5  # chance is 0.1
+    # measured: 0.596 with this config (numpy, OpenBLAS, Python 3.11; tests/test_train.py's
+    # SMALL run as is), 0.61 on another machine: the margin covers BLAS summation order
+    # across CPUs, and a real regression (chance is 0.1) falls below it
+    assert res.test_acc >= 0.55
     assert res.test_acc == pytest.approx(evaluate(res.model, *_test_set()))
 
 
@@ -39,7 +42,9 @@ def test_lsq_with_each_regulariser_learns_and_is_deterministic(reg):
     a = train_small_cnn(**kw)
     b = train_small_cnn(**kw)
     assert a.history[1]["ce"] < a.history[0]["ce"]
-    assert a.test_acc > 0.3  # chance is 0.1
+    # measured: mec 0.5975, mec_taylor 0.609 here; 0.56-0.59 for the three on another machine
+    # (margin 0.04 below the lowest, for BLAS summation order across CPUs; chance is 0.1)
+    assert a.test_acc >= 0.52
     assert a.history[0]["reg"] != 0.0
     assert a.history[0]["loss"] == b.history[0]["loss"]
     sa, sb = a.model.state_dict(), b.model.state_dict()
