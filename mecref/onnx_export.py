@@ -103,9 +103,12 @@ class _Builder:
         return name
 
     def codes(self, name, values, ctype, shape):
-        """An integer initializer of ONNX type ``ctype`` (2- and 4-bit types packed by onnx)."""
-        t = getattr(self.onnx.TensorProto, ctype)
-        self.inits.append(self.h.make_tensor(name, t, list(shape), np.asarray(values).ravel().tolist()))
+        """An integer initializer of ONNX type ``ctype``, stored as raw bytes (2- and 4-bit
+        types packed 4 and 2 to a byte, through ml_dtypes, which onnx depends on)."""
+        import ml_dtypes
+        dt = getattr(ml_dtypes, ctype.lower()) if ctype in _NARROW else np.dtype(ctype.lower())
+        a = np.asarray(values, np.int64).reshape(shape).astype(dt)
+        self.inits.append(self.onnx.numpy_helper.from_array(a, name))
         return name
 
     def node(self, op, inputs, output, name, **attrs):
@@ -410,8 +413,8 @@ def compare_onnx(onnx_model, images, model=None, imodel=None, batch_size=500, th
     alike), ``codes`` (per quantized input: ``n_diff``, ``size``, ``max_diff`` vs the fake
     quantizer's codes), ``logits`` (``max_abs``, ``max_rel`` = max_abs / max |fake logit|,
     over all images and over the ``clean`` ones, where every code agrees); with ``imodel``:
-    ``pred_int``, ``pred_equal_int``, ``codes_int``, ``logits_int_max`` (|ONNX - integer| in
-    units of the integer logit step S).
+    ``pred_int``, ``pred_equal_int``, ``codes_int``, ``logits_int`` (``max`` |ONNX / S -
+    integer logits|, S the integer logit step, over all images and over the ``clean`` ones).
     """
     proto = _load(onnx_model)
     acts = [q for q in _quantizers(proto) if q["tensor"] == "input"]
@@ -441,9 +444,11 @@ def compare_onnx(onnx_model, images, model=None, imodel=None, batch_size=500, th
         from .export import int_forward
         ilog, icodes = int_forward(imodel, images, return_codes=True, batch_size=batch_size)
         S = imodel.tensors["logits"]["scale"]
-        res["codes_int"] = {t: _code_diff(c, icodes[t], np.ones(len(images), bool))
-                            for t, c in codes.items()}
-        res["logits_int_max"] = float(np.abs(got["logits"] / S - ilog).max())
+        clean = np.ones(len(images), bool)
+        res["codes_int"] = {t: _code_diff(c, icodes[t], clean) for t, c in codes.items()}
+        d = np.abs(got["logits"].astype(np.float64) / S - ilog)
+        res["logits_int"] = dict(max=float(d.max()), clean=int(clean.sum()),
+                                 clean_max=float(d[clean].max()) if clean.any() else 0.0)
         res["pred_int"] = ilog.argmax(axis=1)
         res["pred_equal_int"] = int((res["pred_onnx"] == res["pred_int"]).sum())
     return res
@@ -519,7 +524,9 @@ def markdown_onnx(res) -> str:
     if "acc_int" in res:
         lines += [f"integer accuracy: {res['acc_int']:.4f}",
                   f"identical predictions (ONNX vs integer): {res['pred_equal_int']}/{res['n']}",
-                  f"logits, max |ONNX / S - integer|: {res['logits_int_max']:.3g} (units of S)"]
+                  f"logits, max |ONNX / S - integer| (S the integer logit step): "
+                  f"{res['logits_int']['max']:.3g}; on the {res['logits_int']['clean']} images with "
+                  f"every code equal: {res['logits_int']['clean_max']:.3g}"]
     tables = [(k, label) for k, label in (("codes", "fake-quant"), ("codes_int", "integer")) if k in res]
     if tables and res[tables[0][0]]:
         lines += ["", "| tensor | " + " | ".join(f"codes differing vs {l} (max diff)" for _, l in tables) + " |",
