@@ -16,7 +16,7 @@ mecref layer                   ONNX nodes
 (input)                        Unsqueeze, Cast, Mul, Sub: ``x / 255`` standardised as
                                :func:`mecref.data.normalize` does it
 layer input quantizer          [Sub beta] [Clip] QuantizeLinear -> DequantizeLinear [Add beta]
-                               (X7); binary signed inputs: GreaterOrEqual, Where, DequantizeLinear
+                               (X7); binary signed inputs: GreaterOrEqual, Where, Cast, DequantizeLinear
 quantized weights              integer codes (initializer) -> DequantizeLinear, per-channel
                                ``axis=0`` scales
 Conv2d, Linear                 Conv, Gemm (``transB=1``) on the dequantized tensors
@@ -25,14 +25,15 @@ ReLU / MaxPool2d(relu=True)    Relu / MaxPool 2x2 -> Relu
 GlobalAvgPool2d                GlobalAveragePool -> Flatten
 =============================  ===============================================================
 
-Codes are held in the narrowest ONNX integer type ONNX Runtime's CPU provider runs:
-uint2/int2 (opset 25) for ranges that fit 2 bits, uint4/int4 (opset 21) for 4 bits, uint8/int8
-above (int16 for 8-bit DoReFa weights, whose codes ``2k - Qp`` span 9 bits). A code range
-narrower than its container (3, 5, 6, 7 bits, unsigned 1 bit) gets a Clip to the true grid
-before QuantizeLinear. ``narrow=False`` puts every code in an int8/uint8 container (int16 for
-8-bit DoReFa) with that Clip, for runtimes without the 2- and 4-bit types (opset 13). The opset
-is the lowest that holds the types used. A full-precision model (or layer) exports as the plain
-float graph.
+Weight codes are held in the narrowest ONNX integer type that holds the quantizer's code range:
+int2 (opset 25), int4 (opset 21), int8, int16 (8-bit DoReFa, whose codes ``2k - Qp`` span 9
+bits). Activation codes use uint2/int2 and uint4/int4 where the grid fills the type (2 and 4
+bits), and uint8/int8 otherwise, with a Clip to the true grid before QuantizeLinear (3, 5, 6, 7
+bits, unsigned 1 bit): ONNX Runtime's CPU provider does not load a Clip there with the 2- and
+4-bit types (docs/export.md, "ONNX"). ``narrow=False`` puts every code in an int8/uint8
+container (int16 for 8-bit DoReFa) with that Clip, for runtimes without the 2- and 4-bit types
+(opset 13). The opset is the lowest that holds the types used. A full-precision model (or layer)
+exports as the plain float graph.
 
 ``onnx`` and ``onnxruntime`` are optional (``pip install mecref[onnx]``); they are imported
 when a function here needs them.
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from . import nn, quant
-from .backend import MecrefError, to_host
+from .backend import MecrefError, array_module, to_host
 from .data import PIXEL_MEAN, PIXEL_STD, normalize
 from .validate import check_int
 
@@ -82,7 +83,7 @@ def _ort():
 def _container(lo, hi, narrow, exact=False):
     """The narrowest code type holding ``[lo, hi]``: ``(name, type_lo, type_hi, opset)``.
     ``exact``: a 2- or 4-bit type only for codes that fill it (activations: ONNX Runtime
-    fails to load a Clip before a 2- or 4-bit QuantizeLinear, X7)."""
+    fails to load MaxPool -> Clip -> a 2- or 4-bit QuantizeLinear; docs/export.md)."""
     for c in _CONTAINERS:
         if exact and c[0] in _NARROW and (lo, hi) != (c[1], c[2]):
             continue
@@ -131,10 +132,10 @@ class _Builder:
         ctype, tlo, thi, opset = _container(Qn, Qp, self.narrow and not binary, exact=True)
         scale, zp = self.const(f"{p}.scale", s), self.codes(f"{p}.zero_point", [0], ctype, [])
         if binary:                           # code = sign(x), sign(0) = +1 (Q1): not a rounding
-            one = self.codes(f"{p}.plus_one", [1], ctype, [])
-            minus = self.codes(f"{p}.minus_one", [-1], ctype, [])
             ge = self.node("GreaterOrEqual", [x, self.const(f"{p}.zero", 0.0)], f"{p}.nonneg", f"{p}.sign")
-            codes = self.node("Where", [ge, one, minus], f"{p}.q", f"{p}.where")
+            pm = [self.const(f"{p}.plus_one", 1, np.int32), self.const(f"{p}.minus_one", -1, np.int32)]
+            sign = self.node("Where", [ge] + pm, f"{p}.sign32", f"{p}.where")   # int32: every runtime
+            codes = self.node("Cast", [sign], f"{p}.q", f"{p}.cast", to=getattr(self.onnx.TensorProto, ctype))
         else:
             # the true grid inside a wider container; PACT's clip at alpha is this clip, or
             # QuantizeLinear's own saturation when [0, Qp] fills the container (X7)
@@ -246,7 +247,7 @@ def onnx_graph(model, narrow=True, opset=None, input_shape=(28, 28)):
         elif isinstance(layer, nn.MaxPool2d):
             # relu(maxpool(x)), in the layer's own order: ONNX Runtime's QDQ propagation would
             # move a QuantizeLinear that follows MaxPool ahead of it and run MaxPool on the
-            # codes, which its CPU provider cannot do for 2- and 4-bit types (X7)
+            # codes, which its CPU provider cannot do for 4-bit types (docs/export.md, ONNX)
             x = b.node("MaxPool", [x], f"{name}.pooled" if layer.relu else f"{name}.out", name,
                        kernel_shape=[2, 2], strides=[2, 2])
             if layer.relu:
@@ -382,12 +383,13 @@ def _fake_run(model, images, layers, batch_size):
     """The fake-quantized model (eval mode): float logits and the codes of the inputs of
     ``layers``, ``code = (q(x) - beta) / s`` as :func:`mecref.export.fake_quant_trace`."""
     from .export import _act_codes, _act_quantizer
+    xp = array_module(model.layers[0].params["W"])
     out = {"logits": []}
     for i in range(0, len(images), batch_size):
-        h = normalize(images[i:i + batch_size])
+        h = normalize(images[i:i + batch_size], xp=xp)
         for name, layer in zip(model.names, model.layers):
             if name in layers:
-                out.setdefault(f"{name}.in", []).append(_act_codes(_act_quantizer(layer), h))
+                out.setdefault(f"{name}.in", []).append(_act_codes(_act_quantizer(layer), to_host(h)))
             h = layer.forward(h, train=False)
         out["logits"].append(np.asarray(to_host(h)))
     return {k: np.concatenate(v) for k, v in out.items()}
