@@ -284,3 +284,21 @@ def test_cli_export_and_a_fresh_python_with_only_onnxruntime_and_numpy(models, t
     acc = float((pred[:300] == y[:300]).mean())
     assert f"ONNX accuracy: {acc:.4f} on 300 test images" in r.stdout
     assert "identical predictions (ONNX vs fake-quant): 300/300" in r.stdout
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(models, tmp_path, capsys):
+    from mecref.cli import main
+    model, ckpt = models[("lsq", 4, 4, 8)]
+    good = to_onnx(model, tmp_path / "m.onnx")
+    for argv in (["eval-onnx", str(tmp_path / "nope.onnx")],
+                 ["eval-onnx", str(good), "--limit", "0"],
+                 ["eval-onnx", str(ckpt)],                                  # not an ONNX file
+                 ["export", str(ckpt), "--out", str(tmp_path / "x.npz"), "--format", "onnx"],
+                 ["export", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--format", "tflite"]):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, argv
+        assert len(err) == 1 and "error" in err[0], (argv, err)
