@@ -265,11 +265,23 @@ def _add_export(sub):
                        "into a fixed-point requantisation (one .npz, its graph also as .json "
                        "beside it). See docs/export.md.")
     p.add_argument("checkpoint", help="training checkpoint: last.npz from `mecref train --checkpoint-dir`")
-    p.add_argument("--out", required=True, help="integer model file to write (.npz)")
+    p.add_argument("--out", required=True, help="model file to write: .npz (--format int) or .onnx (--format onnx)")
+    p.add_argument("--format", choices=["int", "onnx"], default="int",
+                   help="int: mecref's integer model; onnx: a standard ONNX graph in QDQ form, "
+                        "for ONNX Runtime (default: %(default)s)")
+    p.add_argument("--wide", action="store_true",
+                   help="onnx: int8/uint8 code containers with a Clip to the true grid instead of "
+                        "the 2- and 4-bit ONNX types (opset 13, for runtimes without them)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args):
+    if args.format == "onnx":
+        from .onnx_export import describe_onnx, export_checkpoint_onnx
+        proto, path = export_checkpoint_onnx(args.checkpoint, args.out, narrow=not args.wide)
+        print(describe_onnx(proto))
+        print(f"\nwrote {path} ({path.stat().st_size} bytes)")
+        return 0
     from .export import describe_int_model, export_checkpoint
     imodel, path = export_checkpoint(args.checkpoint, args.out)
     print(describe_int_model(imodel))
@@ -300,6 +312,29 @@ def _run_eval_int(args):
     return 0
 
 
+def _add_eval_onnx(sub):
+    p = sub.add_parser("eval-onnx", help="run an exported ONNX model with ONNX Runtime on the test set",
+                       description="Classify the test images with ONNX Runtime (CPU) and print the "
+                       "accuracy; with --checkpoint also the fake-quantized model it came from "
+                       "(identical predictions, logit differences, codes differing per quantizer), "
+                       "with --int-model also the integer model of the same checkpoint.")
+    p.add_argument("model", help="ONNX model file from `mecref export --format onnx`")
+    p.add_argument("--checkpoint", default=None, help="the training checkpoint the model was exported from")
+    p.add_argument("--int-model", default=None, help="the integer model (.npz) exported from the same checkpoint")
+    p.add_argument("--dataset", choices=["bundled", "fashion-mnist", "idx"], default="bundled",
+                   help="test images: bundled (default), fashion-mnist or idx (with --data-dir)")
+    p.add_argument("--data-dir", default=None, help="folder with train/t10k IDX files")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N test images")
+    p.set_defaults(func=_run_eval_onnx)
+
+
+def _run_eval_onnx(args):
+    from .onnx_export import evaluate_onnx, markdown_onnx
+    print(markdown_onnx(evaluate_onnx(args.model, checkpoint=args.checkpoint, int_model=args.int_model,
+                                      dataset=args.dataset, data_dir=args.data_dir, limit=args.limit)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mecref", description="MEC-Quant reference: maximum entropy coding for "
                      "low-bit quantization-aware training, in NumPy with hand-derived gradients.")
@@ -311,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_diagnose(sub)
     _add_export(sub)
     _add_eval_int(sub)
+    _add_eval_onnx(sub)
     return parser
 
 

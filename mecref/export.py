@@ -48,6 +48,7 @@ from .backend import MecrefError, array_module, backend_name, to_backend, to_hos
 from .checkpoint import _verify_zip, write_atomic
 from .data import PIXEL_MEAN, PIXEL_STD, normalize
 from .validate import check_int
+from .onnx_export import to_onnx  # noqa: F401  (ONNX in QDQ form: mecref.onnx_export)
 
 __all__ = [
     "ExportError", "IntModel", "FORMAT", "FORMAT_VERSION",
