@@ -125,7 +125,7 @@ class _Builder:
         s = np.float32(q["s"].reshape(()))
         beta = np.float32(q["beta"].reshape(()))
         p = f"{lname}.in"
-        if q["kind"] == "lsqplus" and beta != 0:
+        if beta != 0:                         # an offset grid (LSQ+ activations)
             x = self.node("Sub", [x, self.const(f"{p}.beta", beta)], f"{p}.shifted", f"{p}.sub_beta")
         binary = q["signed"] and q["bits"] == 1
         # binary codes come from Where, which ONNX Runtime runs on 8-bit types, not 2-bit ones
@@ -145,7 +145,7 @@ class _Builder:
                               f"{p}.clipped", f"{p}.clip")
             codes = self.node("QuantizeLinear", [x, scale, zp], f"{p}.q", f"{p}.quant")
         y = self.node("DequantizeLinear", [codes, scale, zp], f"{p}.dq", f"{p}.dequant")
-        if q["kind"] == "lsqplus" and beta != 0:
+        if beta != 0:                         # an offset grid (LSQ+ activations)
             y = self.node("Add", [y, self.const(f"{p}.beta_back", beta)], f"{p}.real", f"{p}.add_beta")
         self.opset = max(self.opset, opset)
         self.layers.append(dict(layer=lname, tensor="input", bits=q["bits"], signed=q["signed"],
@@ -165,7 +165,7 @@ class _Builder:
         Wc = Wc.astype(np.int64)
         # the container follows the quantizer's code range, not the codes this model happens
         # to use; DoReFa's codes 2k - Qp span [-Qp, Qp] (mecref.export, X3)
-        if layer.scheme == "dorefa_pact" and layer.w_bits > 1:
+        if layer.w_quant.name == "dorefa" and layer.w_bits > 1:
             lo, hi = -(2 ** layer.w_bits - 1), 2 ** layer.w_bits - 1
         else:
             lo, hi = quant.qrange(layer.w_bits, True)
