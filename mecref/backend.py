@@ -17,7 +17,7 @@ import numpy as np
 __all__ = [
     "MecrefError", "BackendUnavailableError", "BACKENDS",
     "get_xp", "array_module", "backend_name", "to_host", "to_backend",
-    "cupy_usable", "default_dtype", "scipy_blas_single_thread",
+    "cupy_usable", "default_dtype", "scipy_blas_single_thread", "cupy_stand_in",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -66,6 +66,32 @@ def _import_cupy():
     return cupy
 
 
+@contextlib.contextmanager
+def cupy_stand_in(cupy_module, cupyx_module=None):
+    """Inside the block, ``backend="cupy"`` is ``cupy_module`` instead of the real CuPy.
+
+    For tests on machines without a GPU: ``tests/fakecupy`` is a stand-in with CuPy's API
+    whose arrays refuse to mix with NumPy's (docs/design.md). Arrays whose type is defined in
+    the stand-in's package count as device arrays, exactly as ``cupy.ndarray`` does; nothing
+    else in mecref changes. The real CuPy's state (and its cached verdict) comes back after.
+    """
+    saved = dict(_cupy_state)
+    _cupy_state.clear()
+    _cupy_state.update(module=cupy_module, cupyx=cupyx_module,
+                       array_package=cupy_module.ndarray.__module__.split(".")[0])
+    try:
+        yield cupy_module
+    finally:
+        _cupy_state.clear()
+        _cupy_state.update(saved)
+
+
+def _on_device(a) -> bool:
+    """True for a CuPy array (or one of the stand-in's, see :func:`cupy_stand_in`)."""
+    pkg = type(a).__module__.split(".")[0]
+    return pkg == "cupy" or pkg == _cupy_state.get("array_package")
+
+
 def cupy_usable() -> bool:
     """True when backend='cupy' would work here (CuPy imports and a GPU answers)."""
     try:
@@ -101,8 +127,7 @@ def array_module(*arrays):
     """
     mods = set()
     for a in arrays:
-        mod = type(a).__module__.split(".")[0]
-        if mod == "cupy":
+        if _on_device(a):
             mods.add("cupy")
         elif a is not None:
             mods.add("numpy")
@@ -121,7 +146,7 @@ def backend_name(xp) -> str:
 
 def to_host(a):
     """A NumPy copy (or view) of an array from either backend; numbers pass through."""
-    if type(a).__module__.split(".")[0] == "cupy":
+    if _on_device(a):
         return a.get()
     return a
 

@@ -500,7 +500,8 @@ def test_bad_inputs_raise_clear_errors(rng):
 
 
 # ----------------------------------------------------------------------------- backends
-@pytest.mark.parametrize("quantizer,bits", [(None, 32), ("lsq", 4)])
+@pytest.mark.parametrize("quantizer,bits", [(None, 32), ("lsq", 4), ("ste", 2), ("dorefa_pact", 2),
+                                            ("lsqplus", 3), ("lsq", 1)])
 def test_small_cnn_on_backend_matches_numpy(backend, quantizer, bits, rng):
     ref = nn.small_cnn(quantizer=quantizer, w_bits=bits, a_bits=bits, width=(4, 6, 8), seed=2)
     dev = nn.small_cnn(quantizer=quantizer, w_bits=bits, a_bits=bits, width=(4, 6, 8), seed=2,
