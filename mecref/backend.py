@@ -18,6 +18,7 @@ __all__ = [
     "MecrefError", "BackendUnavailableError", "BACKENDS",
     "get_xp", "array_module", "backend_name", "to_host", "to_backend",
     "cupy_usable", "default_dtype", "scipy_blas_single_thread", "cupy_stand_in",
+    "cupyx_module", "row_dot",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -84,6 +85,31 @@ def cupy_stand_in(cupy_module, cupyx_module=None):
     finally:
         _cupy_state.clear()
         _cupy_state.update(saved)
+
+
+def cupyx_module():
+    """CuPy's companion package ``cupyx`` (``errstate``, ``cupyx.scipy.linalg``), for the
+    CuPy path of the entropy terms; imported on first use (``cupyx.scipy.linalg`` loads
+    cuBLAS, so only on a machine with CUDA)."""
+    _import_cupy()
+    if _cupy_state.get("cupyx") is None:
+        import cupyx
+        import cupyx.scipy.linalg  # noqa: F401  (solve_triangular)
+        _cupy_state["cupyx"] = cupyx
+    return _cupy_state["cupyx"]
+
+
+def row_dot(a, b=None):
+    """Row sums ``sum_j a_ij`` (``b`` None) or row-wise dot products ``sum_j a_ij b_ij`` of
+    2-D arrays, on their backend.
+
+    On NumPy ``einsum`` forms them without a temporary; CuPy's ``einsum`` is planned in
+    Python on every call, so there a product and a sum (two kernels) do it.
+    """
+    xp = array_module(a)
+    if xp is np:
+        return np.einsum("ij->i", a) if b is None else np.einsum("ij,ij->i", a, b)
+    return a.sum(axis=1) if b is None else (a * b).sum(axis=1)
 
 
 def _on_device(a) -> bool:

@@ -20,7 +20,10 @@ Conventions
 - Every log-determinant of a Gram matrix is taken on its smaller side (Sylvester,
   ``logdet(I_m + lam Z Z^T) = logdet(I_d + lam Z^T Z)``), by Cholesky; gradients use triangular
   solves with that factor, never an explicit inverse. On NumPy, SciPy's LAPACK wrappers do the
-  factorisations; on CuPy, ``xp.linalg``.
+  factorisations; on CuPy, ``cupy.linalg`` and ``cupyx.scipy.linalg.solve_triangular``. A Gram
+  matrix that is not positive definite in floating point raises ``numpy.linalg.LinAlgError``
+  on both (CuPy checks the solver's status only under ``cupyx.errstate(linalg="raise")``,
+  which costs one host sync per factorisation).
 - Work happens in the input dtype (float32 in training, float64 in the tests). Values are
   returned as 0-d scalars of Z's backend and dtype; ``float(L)`` gives a Python number.
 - ``dL`` (the gradient of the caller's loss w.r.t. L) is a real number.
@@ -35,7 +38,7 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 
-from .backend import MecrefError, array_module, to_host
+from .backend import MecrefError, array_module, cupyx_module, row_dot, to_host
 from .validate import check_array, check_choice, check_int, check_positive
 
 __all__ = [
@@ -70,8 +73,11 @@ def _chol_logdet(G):
         # G is symmetric, so G.T is the same matrix in Fortran order: factored in place
         fac, _ = scipy.linalg.cho_factor(G.T, lower=True, overwrite_a=True, check_finite=False)
         return fac, 2.0 * np.log(np.diagonal(fac)).sum()
-    L = xp.linalg.cholesky(G)
-    return G, 2.0 * xp.log(xp.diagonal(L)).sum()
+    # CuPy reads cuSOLVER's status (one host sync) and raises only in "raise" mode; without
+    # it a G that is not positive definite gives a NaN or wrong log det instead of an error
+    with cupyx_module().errstate(linalg="raise"):
+        L = xp.linalg.cholesky(G)
+    return L, 2.0 * xp.log(xp.diagonal(L)).sum()
 
 
 def _gram_logdet(X, a):
@@ -85,9 +91,9 @@ def _gram_logdet(X, a):
 def _chol_solve(fac, B, right=False):
     """``G^{-1} B``, or ``B G^{-1}`` with ``right``, for a factor from :func:`_chol_logdet`.
 
-    On NumPy: two triangular solves (BLAS trsm) with ``G = L L^T``. A Fortran-ordered B (the
-    transpose of a C-ordered array) is used in place and the result is Fortran-ordered, so
-    callers pass ``X.T`` and get back a C-ordered ``.T`` without copies.
+    Two triangular solves (BLAS trsm) with ``G = L L^T``, on either backend. On NumPy a
+    Fortran-ordered B (the transpose of a C-ordered array) is used in place and the result is
+    Fortran-ordered, so callers pass ``X.T`` and get back a C-ordered ``.T`` without copies.
     """
     xp = array_module(fac)
     if xp is np:
@@ -97,7 +103,11 @@ def _chol_solve(fac, B, right=False):
             return trsm(1.0, fac, W, side=1, lower=1, trans_a=0, overwrite_b=1)
         W = trsm(1.0, fac, B, side=0, lower=1, trans_a=0)  # L^{-T} L^{-1} B
         return trsm(1.0, fac, W, side=0, lower=1, trans_a=1, overwrite_b=1)
-    return xp.linalg.solve(fac, B.T).T if right else xp.linalg.solve(fac, B)
+    if right:  # B G^{-1} = (G^{-1} B^T)^T, G symmetric
+        return _chol_solve(fac, B.T).T
+    solve_triangular = cupyx_module().scipy.linalg.solve_triangular
+    W = solve_triangular(fac, B, lower=True)                  # L^{-1} B
+    return solve_triangular(fac, W, trans=1, lower=True)      # L^{-T} L^{-1} B
 
 
 def _gram_solve(fac, X):
@@ -150,7 +160,7 @@ def _check_flag(name, value):
 def _unit_rows(U, name):
     """Row norms r (m,) and unit rows U / r; a zero row is an error (E2)."""
     xp = array_module(U)
-    r = xp.sqrt(xp.einsum("ij,ij->i", U, U))
+    r = xp.sqrt(row_dot(U, U))
     if not bool(xp.all(r > 0)):
         i = int(xp.argmin(r))
         raise MecrefError(f"{name} has a zero row (row {i}), which cannot be l2-normalised: "
@@ -160,8 +170,7 @@ def _unit_rows(U, name):
 
 def _unit_rows_backward(Z, r, dZ):
     """E2: through z = u/|u| row-wise, dL/du = (I - z z^T) dL/dz / |u| (overwrites dZ)."""
-    xp = array_module(Z)
-    dZ -= Z * xp.einsum("ij,ij->i", Z, dZ)[:, None]
+    dZ -= Z * row_dot(Z, dZ)[:, None]
     dZ /= r[:, None]
     return dZ
 
@@ -471,7 +480,7 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
     if normalize:
         Zc, r = _unit_rows(Z, "Z")
     else:
-        Zc, r = Z, xp.sqrt(xp.einsum("ij,ij->i", Z, Z))
+        Zc, r = Z, xp.sqrt(row_dot(Z, Z))
     if gate == "norm":
         # stable, so ties keep the row order (CuPy's argsort is always stable and older
         # versions take no kind)
@@ -574,7 +583,7 @@ def moe_coding_length_backward(cache, dL=1.0):
         q = xp.empty_like(pi)
         for k in range(K):
             V = _chol_solve(facs[k], Zc.T).T
-            q[:, k] = xp.einsum("ij,ij->i", Zc, V)
+            q[:, k] = row_dot(Zc, V)
             dZ += (2 * c[k] * a[k]) * pi[:, k:k + 1] * V
         gamma = xp.sum(pi * q, axis=0)
     else:  # m x m side: V_k = Z - a_k Kz H_k Z, H_k = Pi_k^1/2 G_k^{-1} Pi_k^1/2 (Woodbury)
@@ -584,7 +593,7 @@ def moe_coding_length_backward(cache, dL=1.0):
             s = xp.sqrt(pi[:, k])
             H = s[:, None] * _chol_solve(facs[k], xp.diag(s))
             KH = Kz @ H
-            q[:, k] = xp.diagonal(Kz) - a[k] * xp.einsum("ij,ij->i", KH, Kz)
+            q[:, k] = xp.diagonal(Kz) - a[k] * row_dot(KH, Kz)
             M += (2 * c[k] * a[k] ** 2) * pi[:, k:k + 1] * KH
         gamma = xp.sum(pi * q, axis=0)
         dZ = (2 * pi @ (c * a))[:, None] * Zc - M @ Zc

@@ -36,7 +36,7 @@ import numbers
 import numpy as np
 
 from . import quant
-from .backend import MecrefError, array_module, get_xp, to_host
+from .backend import MecrefError, array_module, get_xp, row_dot, to_host
 from .threads import over_channels
 from .validate import check_array, check_choice, check_int
 
@@ -574,9 +574,9 @@ class BatchNorm2d(Layer):
         y = xp.empty_like(xc)
 
         def normalize(c):                                          # channels c: independent
-            mu[c] = xp.einsum("cm->c", x2[c]) / M
+            mu[c] = row_dot(x2[c]) / M
             xp.subtract(x2[c], mu[c, None], out=xc[c])
-            var[c] = xp.einsum("cm,cm->c", xc[c], xc[c]) / M
+            var[c] = row_dot(xc[c], xc[c]) / M
             t[c] = 1.0 / xp.sqrt(var[c] + self.eps)
             xp.multiply(xc[c], (gamma[c] * t[c])[:, None], out=y[c])   # gamma xhat + beta
             y[c] += beta[c, None]
@@ -604,8 +604,8 @@ class BatchNorm2d(Layer):
         tmp = self._buffer(xp, "tmp", xc.shape, xc.dtype)
 
         def backward(c):                                           # channels c: independent
-            dbeta[c] = xp.einsum("cm->c", dy2[c])
-            dgamma[c] = xp.einsum("cm,cm->c", dy2[c], xc[c]) * t[c]  # sum dy xhat, xhat = xc t
+            dbeta[c] = row_dot(dy2[c])
+            dgamma[c] = row_dot(dy2[c], xc[c]) * t[c]                # sum dy xhat, xhat = xc t
             # dx = gamma t / M (M dy - dbeta - xhat dgamma) = a dy - a dbeta / M - xc (a t dgamma / M)
             xp.multiply(dy2[c], a[c, None], out=dx[c])
             dx[c] -= xp.multiply(xc[c], (a[c] * t[c] * dgamma[c] / M)[:, None], out=tmp[c])

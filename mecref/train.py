@@ -210,6 +210,9 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
             raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit the model: {exc}") from None
         history, start_epoch, step = meta["history"], meta["epoch"], meta["step"]
         report.line(f"resumed from {ckpt_path} after epoch {start_epoch}")
+        if meta["config"].get("backend") != cfg.backend:  # same math, another device: allowed
+            report.line(f"the checkpoint was written on backend={meta['config'].get('backend')!r}, "
+                        f"this run continues on backend={cfg.backend!r}")
     elif cfg.init_from:
         _load_fp_weights(model, cfg.init_from)
 
@@ -243,7 +246,7 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
                    train_acc=sums["correct"] / max(sums["seen"], 1),
                    val_acc=evaluate(model, x_val, y_val) if x_val is not None else None,
                    test_acc=evaluate(model, ds.x_test, ds.y_test), lr=float(opt.lr),
-                   seconds=seconds, samples_per_s=sums["seen"] / seconds)
+                   seconds=seconds, samples_per_s=sums["seen"] / seconds, backend=cfg.backend)
         history.append(row)
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, model.state_dict(), opt.state_dict(),

@@ -14,7 +14,8 @@ mecref's correctness depends on it:
   ``float(a)``, ``int(a)``, ``bool(a)``, ``repr``, boolean-mask indexing and the routines that
   size their output from the data (``nonzero``, ``flatnonzero``, ``argwhere``) each add one to
   :data:`syncs` (by kind); host-to-device copies (``asarray`` of host data, NumPy or list
-  indices, ``.set``) are counted in :data:`uploads`. A test bounds the syncs of a step.
+  indices, ``.set``) are counted in :data:`uploads`, calls of the solvers (``cupy.linalg``,
+  ``solve_triangular``) in :data:`solver_calls`. A test bounds the syncs of a step.
 - **Only CuPy's names.** Every attribute of the ``cupy``, ``cupy.linalg``,
   ``cupy.lib.stride_tricks``, ``cupyx`` and ``cupyx.scipy.linalg`` namespaces, and every
   ``ndarray`` method, must be in ``cupy_api.json``, the snapshot of the real package written by
@@ -27,8 +28,9 @@ mecref's correctness depends on it:
   (a matrix that is not positive definite, a singular system) unless
   ``cupyx.errstate(linalg="raise")`` is active: the result is NaN instead (CuPy leaves
   whatever cuSOLVER wrote, which holds NaN or garbage); with ``"raise"`` each call checks
-  cuSOLVER's status on the host (one sync) and raises ``numpy.linalg.LinAlgError``. The same
-  for ``cupyx.scipy.linalg.solve_triangular`` (cuBLAS trsm, which never checks).
+  cuSOLVER's status on the host (one sync) and raises ``numpy.linalg.LinAlgError``.
+  ``cupyx.scipy.linalg.solve_triangular`` (cuBLAS trsm) never checks and never raises: a
+  zero on the diagonal gives NaN here.
   ``cupy[...] = numpy_array`` with basic indices raises ``ValueError`` as in CuPy 14.
 
 Not imitated (docs/design.md lists what only a real GPU shows): kernels, asynchrony and
@@ -55,11 +57,13 @@ __version__ = API["cupy_version"]
 
 syncs = collections.Counter()     # device -> host reads, by kind
 uploads = collections.Counter()   # host -> device copies: "count" and "bytes"
+solver_calls = collections.Counter()   # cupy.linalg / cupyx.scipy.linalg routines, by name
 
 
 def reset_counters():
     syncs.clear()
     uploads.clear()
+    solver_calls.clear()
 
 
 def sync_count() -> int:
@@ -453,6 +457,7 @@ def _checked(qual, impl, shape_of):
     """A cuSOLVER/cuBLAS-backed routine: NaN on failure unless linalg='raise' (one host sync
     per call to read the status, then numpy.linalg.LinAlgError)."""
     def f(*args, **kwargs):
+        solver_calls[qual] += 1
         a, k = _dev(args, qual), _dev(kwargs, qual)
         raising = _linalg_mode() == "raise"
         if raising:
@@ -480,8 +485,15 @@ def _second(*a, **k):
 
 def _solve_triangular(a, b, trans=0, lower=False, unit_diagonal=False, overwrite_b=False,
                       check_finite=False):
-    return scipy.linalg.solve_triangular(a, b, trans=trans, lower=lower,
-                                         unit_diagonal=unit_diagonal, check_finite=False)
+    """cuBLAS trsm: never checks, never raises; a zero on the diagonal gives inf/NaN."""
+    solver_calls["cupyx.scipy.linalg.solve_triangular"] += 1
+    with np.errstate(all="ignore"):
+        try:
+            x = scipy.linalg.solve_triangular(a, b, trans=trans, lower=lower,
+                                              unit_diagonal=unit_diagonal, check_finite=False)
+        except np.linalg.LinAlgError:
+            x = np.full(b.shape, np.nan, dtype=np.result_type(a.dtype, b.dtype, np.float32))
+    return x
 
 
 class _Device:
@@ -544,6 +556,7 @@ _SYNCING = {n: (lambda r, n=n: _sync(n)) for n in ("nonzero", "flatnonzero", "ar
 
 linalg = _Namespace("cupy.linalg", np.linalg, {
     "cholesky": _checked("cupy.linalg.cholesky", np.linalg.cholesky, _first),
+    "slogdet": _checked("cupy.linalg.slogdet", np.linalg.slogdet, _first),
     "solve": _checked("cupy.linalg.solve", np.linalg.solve, _second),
     "inv": _checked("cupy.linalg.inv", np.linalg.inv, _first),
     "LinAlgError": np.linalg.LinAlgError,
@@ -563,8 +576,8 @@ cupy = _Namespace("cupy", np, {
 })
 cupy.__version__ = __version__
 scipy_linalg = _Namespace("cupyx.scipy.linalg", scipy.linalg, {
-    "solve_triangular": _checked("cupyx.scipy.linalg.solve_triangular", _solve_triangular,
-                                 _second),
+    "solve_triangular": _function("cupyx.scipy.linalg.solve_triangular", _solve_triangular,
+                                  API["modules"]["cupyx.scipy.linalg"]["solve_triangular"]),
 })
 cupyx = _Namespace("cupyx", None, {
     "errstate": _errstate,
