@@ -738,6 +738,14 @@ class _FakeQuant:
                 self.params["s_a"][...] = s
                 self.params["beta_a"][...] = beta
         self.buffers["ready"][...] = 1
+        self._ready = True
+
+    def _quant_ready(self):
+        """The buffer ``ready``, read from the device once and then remembered (a host sync
+        per forward otherwise); ``load_state_dict`` makes the layer read it again."""
+        if getattr(self, "_ready", None) is None:
+            self._ready = bool(float(self.buffers["ready"]))
+        return self._ready
 
     def _batch_max(self, x):
         xp = array_module(x)
@@ -815,7 +823,7 @@ class _FakeQuant:
 
     def _quant_forward(self, x, train, core):
         """Quantize x and W, run the layer's core, cache the quantizer caches (train)."""
-        if "ready" in self.buffers and not float(self.buffers["ready"]):
+        if "ready" in self.buffers and not self._quant_ready():
             self._init_quant(x)
         xq, cx = self._quant_x(x, train)
         Wq, cw = self._quant_w(self.params["W"])
@@ -945,6 +953,8 @@ class _Container:
         for name, (d, key) in entries.items():
             xp = array_module(d[key])
             d[key][...] = xp.asarray(state[name], dtype=d[key].dtype)
+        for layer in self.layers:
+            layer.__dict__.pop("_ready", None)   # buffers["ready"] may have changed
 
     def astype(self, dtype):
         """Cast every layer's params and buffers (float64 for gradient checks); returns self."""

@@ -57,12 +57,14 @@ __version__ = API["cupy_version"]
 
 syncs = collections.Counter()     # device -> host reads, by kind
 uploads = collections.Counter()   # host -> device copies: "count" and "bytes"
+upload_sizes = []                 # the size of each host -> device copy, in bytes
 solver_calls = collections.Counter()   # cupy.linalg / cupyx.scipy.linalg routines, by name
 
 
 def reset_counters():
     syncs.clear()
     uploads.clear()
+    upload_sizes.clear()
     solver_calls.clear()
 
 
@@ -75,8 +77,10 @@ def _sync(kind):
 
 
 def _upload(a):
+    n = int(np.asarray(a).nbytes)
     uploads["count"] += 1
-    uploads["bytes"] += int(np.asarray(a).nbytes)
+    uploads["bytes"] += n
+    upload_sizes.append(n)
 
 
 # ============================================================================ unwrap / wrap
