@@ -17,7 +17,8 @@ import numpy as np
 __all__ = [
     "MecrefError", "BackendUnavailableError", "BACKENDS",
     "get_xp", "array_module", "backend_name", "to_host", "to_backend",
-    "cupy_usable", "default_dtype", "scipy_blas_single_thread",
+    "cupy_usable", "default_dtype", "scipy_blas_single_thread", "cupy_stand_in",
+    "cupyx_module", "row_dot",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -66,6 +67,57 @@ def _import_cupy():
     return cupy
 
 
+@contextlib.contextmanager
+def cupy_stand_in(cupy_module, cupyx_module=None):
+    """Inside the block, ``backend="cupy"`` is ``cupy_module`` instead of the real CuPy.
+
+    For tests on machines without a GPU: ``tests/fakecupy`` is a stand-in with CuPy's API
+    whose arrays refuse to mix with NumPy's (docs/design.md). Arrays whose type is defined in
+    the stand-in's package count as device arrays, exactly as ``cupy.ndarray`` does; nothing
+    else in mecref changes. The real CuPy's state (and its cached verdict) comes back after.
+    """
+    saved = dict(_cupy_state)
+    _cupy_state.clear()
+    _cupy_state.update(module=cupy_module, cupyx=cupyx_module,
+                       array_package=cupy_module.ndarray.__module__.split(".")[0])
+    try:
+        yield cupy_module
+    finally:
+        _cupy_state.clear()
+        _cupy_state.update(saved)
+
+
+def cupyx_module():
+    """CuPy's companion package ``cupyx`` (``errstate``, ``cupyx.scipy.linalg``), for the
+    CuPy path of the entropy terms; imported on first use (``cupyx.scipy.linalg`` loads
+    cuBLAS, so only on a machine with CUDA)."""
+    _import_cupy()
+    if _cupy_state.get("cupyx") is None:
+        import cupyx
+        import cupyx.scipy.linalg  # noqa: F401  (solve_triangular)
+        _cupy_state["cupyx"] = cupyx
+    return _cupy_state["cupyx"]
+
+
+def row_dot(a, b=None):
+    """Row sums ``sum_j a_ij`` (``b`` None) or row-wise dot products ``sum_j a_ij b_ij`` of
+    2-D arrays, on their backend.
+
+    On NumPy ``einsum`` forms them without a temporary; CuPy's ``einsum`` is planned in
+    Python on every call, so there a product and a sum (two kernels) do it.
+    """
+    xp = array_module(a)
+    if xp is np:
+        return np.einsum("ij->i", a) if b is None else np.einsum("ij,ij->i", a, b)
+    return a.sum(axis=1) if b is None else (a * b).sum(axis=1)
+
+
+def _on_device(a) -> bool:
+    """True for a CuPy array (or one of the stand-in's, see :func:`cupy_stand_in`)."""
+    pkg = type(a).__module__.split(".")[0]
+    return pkg == "cupy" or pkg == _cupy_state.get("array_package")
+
+
 def cupy_usable() -> bool:
     """True when backend='cupy' would work here (CuPy imports and a GPU answers)."""
     try:
@@ -101,8 +153,7 @@ def array_module(*arrays):
     """
     mods = set()
     for a in arrays:
-        mod = type(a).__module__.split(".")[0]
-        if mod == "cupy":
+        if _on_device(a):
             mods.add("cupy")
         elif a is not None:
             mods.add("numpy")
@@ -121,7 +172,7 @@ def backend_name(xp) -> str:
 
 def to_host(a):
     """A NumPy copy (or view) of an array from either backend; numbers pass through."""
-    if type(a).__module__.split(".")[0] == "cupy":
+    if _on_device(a):
         return a.get()
     return a
 

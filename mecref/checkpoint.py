@@ -15,12 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import MecrefError
+from .backend import MecrefError, to_host
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_atomic", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_atomic", "FORMAT_VERSION",
+           "PORTABLE_FIELDS"]
 
 FORMAT_VERSION = 1
 _META = "__meta__"
+# config entries a checkpoint may differ in from the run that reads it: the backend does the
+# same math on another device, so a run trained on a GPU resumes or is evaluated on a CPU
+PORTABLE_FIELDS = ("backend",)
 
 
 class CheckpointError(MecrefError):
@@ -35,17 +39,17 @@ def save_checkpoint(path, model_state: dict, optim_state: dict | None, meta: dic
     path : str or Path
         Target ``.npz`` file; its folder is created.
     model_state : dict[str, ndarray]
-        ``model.state_dict()`` (host arrays).
+        ``model.state_dict()``: host arrays (device arrays are copied to the host).
     optim_state : dict[str, ndarray] or None
-        ``optimizer.state_dict()`` (host arrays).
+        ``optimizer.state_dict()``, the same.
     meta : dict
         JSON-serialisable: the run config, epoch, step, history.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"model/{k}": np.asarray(v) for k, v in model_state.items()}
+    arrays = {f"model/{k}": np.asarray(to_host(v)) for k, v in model_state.items()}
     for k, v in (optim_state or {}).items():
-        arrays[f"optim/{k}"] = np.asarray(v)
+        arrays[f"optim/{k}"] = np.asarray(to_host(v))
     meta = dict(meta, format_version=FORMAT_VERSION)
     text = json.dumps(meta, indent=1, sort_keys=True, default=_json_default)
     arrays[_META] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
@@ -77,7 +81,8 @@ def load_checkpoint(path, expect_config: dict | None = None, keys=("model_config
 
     Everything is read and checked before it is returned, so a failure never leaves a model
     half-loaded. With ``expect_config``, each entry named in ``keys`` must equal the same entry
-    of the checkpoint's meta, or :class:`CheckpointError` says which differ.
+    of the checkpoint's meta, or :class:`CheckpointError` says which differ; fields named in
+    :data:`PORTABLE_FIELDS` (the backend) may differ.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or path-like, got {type(path).__name__} {path!r}")
@@ -103,7 +108,7 @@ def load_checkpoint(path, expect_config: dict | None = None, keys=("model_config
         raise CheckpointError(f"checkpoint {str(path)!r} has format version "
                               f"{meta.get('format_version')!r}, this mecref reads {FORMAT_VERSION}")
     if expect_config is not None:
-        diffs = [k for k in keys if meta.get(k) != expect_config.get(k)]
+        diffs = [k for k in keys if _portable(meta.get(k)) != _portable(expect_config.get(k))]
         if diffs:
             detail = "; ".join(f"{k}: checkpoint {meta.get(k)!r} vs run {expect_config.get(k)!r}"
                                for k in diffs)
@@ -127,6 +132,13 @@ def _verify_zip(path):
                     pass
 
 
+
+
+def _portable(entry):
+    """A config entry without the fields that may differ between backends."""
+    if not isinstance(entry, dict):
+        return entry
+    return {k: v for k, v in entry.items() if k not in PORTABLE_FIELDS}
 
 
 def _json_default(obj):

@@ -20,7 +20,10 @@ Conventions
 - Every log-determinant of a Gram matrix is taken on its smaller side (Sylvester,
   ``logdet(I_m + lam Z Z^T) = logdet(I_d + lam Z^T Z)``), by Cholesky; gradients use triangular
   solves with that factor, never an explicit inverse. On NumPy, SciPy's LAPACK wrappers do the
-  factorisations; on CuPy, ``xp.linalg``.
+  factorisations; on CuPy, ``cupy.linalg`` and ``cupyx.scipy.linalg.solve_triangular``. A Gram
+  matrix that is not positive definite in floating point raises ``numpy.linalg.LinAlgError``
+  on both (CuPy checks the solver's status only under ``cupyx.errstate(linalg="raise")``,
+  which costs one host sync per factorisation).
 - Work happens in the input dtype (float32 in training, float64 in the tests). Values are
   returned as 0-d scalars of Z's backend and dtype; ``float(L)`` gives a Python number.
 - ``dL`` (the gradient of the caller's loss w.r.t. L) is a real number.
@@ -35,8 +38,8 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 
-from .backend import MecrefError, array_module, to_host
-from .validate import check_array, check_choice, check_int, check_positive
+from .backend import MecrefError, array_module, cupyx_module, row_dot, to_host
+from .validate import check_array, check_choice, check_int, check_positive, values_checked
 
 __all__ = [
     "ConvergenceWarning",
@@ -70,24 +73,45 @@ def _chol_logdet(G):
         # G is symmetric, so G.T is the same matrix in Fortran order: factored in place
         fac, _ = scipy.linalg.cho_factor(G.T, lower=True, overwrite_a=True, check_finite=False)
         return fac, 2.0 * np.log(np.diagonal(fac)).sum()
-    L = xp.linalg.cholesky(G)
-    return G, 2.0 * xp.log(xp.diagonal(L)).sum()
+    # CuPy reads cuSOLVER's status (one host sync) and raises only in "raise" mode; without
+    # it a G that is not positive definite gives a NaN or wrong log det instead of an error
+    with cupyx_module().errstate(linalg="raise"):
+        L = xp.linalg.cholesky(G)
+    return L, 2.0 * xp.log(xp.diagonal(L)).sum()
+
+
+def _gram(X, a):
+    """The smaller Gram matrix of X (n, d) (E1): ``G = I_n + a X X^T`` when ``n <= d``, else
+    ``G = I_d + a X^T X`` (same determinant)."""
+    G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X
+    G *= a
+    return _add_identity(G)
 
 
 def _gram_logdet(X, a):
-    """Factor and log-determinant of the smaller Gram matrix of X (n, d) (E1):
-    ``G = I_n + a X X^T`` when ``n <= d``, else ``G = I_d + a X^T X`` (same determinant)."""
-    G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X
-    G *= a
-    return _chol_logdet(_add_identity(G))
+    """Factor and log-determinant of the smaller Gram matrix of X (n, d) (E1)."""
+    return _chol_logdet(_gram(X, a))
+
+
+def _chol_logdets(Gs):
+    """``[(factor, logdet)]`` of :func:`_chol_logdet` for each matrix of a list (E5). On CuPy,
+    matrices of one shape are factored in one batched call: one kernel and one read of the
+    solver's status for all of them."""
+    xp = array_module(Gs[0])
+    if xp is np or len(Gs) == 1 or len({tuple(G.shape) for G in Gs}) > 1:
+        return [_chol_logdet(G) for G in Gs]
+    with cupyx_module().errstate(linalg="raise"):
+        L = xp.linalg.cholesky(xp.stack(Gs))
+    logdets = 2.0 * xp.log(xp.diagonal(L, axis1=1, axis2=2)).sum(axis=1)
+    return [(L[k], logdets[k]) for k in range(len(Gs))]
 
 
 def _chol_solve(fac, B, right=False):
     """``G^{-1} B``, or ``B G^{-1}`` with ``right``, for a factor from :func:`_chol_logdet`.
 
-    On NumPy: two triangular solves (BLAS trsm) with ``G = L L^T``. A Fortran-ordered B (the
-    transpose of a C-ordered array) is used in place and the result is Fortran-ordered, so
-    callers pass ``X.T`` and get back a C-ordered ``.T`` without copies.
+    Two triangular solves (BLAS trsm) with ``G = L L^T``, on either backend. On NumPy a
+    Fortran-ordered B (the transpose of a C-ordered array) is used in place and the result is
+    Fortran-ordered, so callers pass ``X.T`` and get back a C-ordered ``.T`` without copies.
     """
     xp = array_module(fac)
     if xp is np:
@@ -97,7 +121,11 @@ def _chol_solve(fac, B, right=False):
             return trsm(1.0, fac, W, side=1, lower=1, trans_a=0, overwrite_b=1)
         W = trsm(1.0, fac, B, side=0, lower=1, trans_a=0)  # L^{-T} L^{-1} B
         return trsm(1.0, fac, W, side=0, lower=1, trans_a=1, overwrite_b=1)
-    return xp.linalg.solve(fac, B.T).T if right else xp.linalg.solve(fac, B)
+    if right:  # B G^{-1} = (G^{-1} B^T)^T, G symmetric
+        return _chol_solve(fac, B.T).T
+    solve_triangular = cupyx_module().scipy.linalg.solve_triangular
+    W = solve_triangular(fac, B, lower=True)                  # L^{-1} B
+    return solve_triangular(fac, W, trans=1, lower=True)      # L^{-T} L^{-1} B
 
 
 def _gram_solve(fac, X):
@@ -150,8 +178,8 @@ def _check_flag(name, value):
 def _unit_rows(U, name):
     """Row norms r (m,) and unit rows U / r; a zero row is an error (E2)."""
     xp = array_module(U)
-    r = xp.sqrt(xp.einsum("ij,ij->i", U, U))
-    if not bool(xp.all(r > 0)):
+    r = xp.sqrt(row_dot(U, U))
+    if values_checked() and not bool(xp.all(r > 0)):
         i = int(xp.argmin(r))
         raise MecrefError(f"{name} has a zero row (row {i}), which cannot be l2-normalised: "
                           f"give rows with non-zero norm, or normalize=False")
@@ -160,8 +188,7 @@ def _unit_rows(U, name):
 
 def _unit_rows_backward(Z, r, dZ):
     """E2: through z = u/|u| row-wise, dL/du = (I - z z^T) dL/dz / |u| (overwrites dZ)."""
-    xp = array_module(Z)
-    dZ -= Z * xp.einsum("ij,ij->i", Z, dZ)[:, None]
+    dZ -= Z * row_dot(Z, dZ)[:, None]
     dZ /= r[:, None]
     return dZ
 
@@ -471,7 +498,7 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
     if normalize:
         Zc, r = _unit_rows(Z, "Z")
     else:
-        Zc, r = Z, xp.sqrt(xp.einsum("ij,ij->i", Z, Z))
+        Zc, r = Z, xp.sqrt(row_dot(Z, Z))
     if gate == "norm":
         # stable, so ties keep the row order (CuPy's argsort is always stable and older
         # versions take no kind)
@@ -492,7 +519,7 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
     R = rbar = None
     if expert_eps is None:
         R = pi.T @ r                         # (K,)  R_k = sum_i pi_ik r_i = m_k rbar_k
-        if not bool(xp.all(R > 0)):
+        if values_checked() and not bool(xp.all(R > 0)):
             raise MecrefError("an expert's rows all have zero norm, so its eps_k = eps * rbar_k "
                               "/ rbar is 0: give rows with non-zero norm")
         Rsum = R.sum()                       # = sum_i r_i, since sum_k pi_ik = 1
@@ -511,15 +538,15 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
     X = Kz = None
     if gate == "norm":                       # expert k codes its own rows Z_k (m_k, d)
         X = [Zc[idx] for idx in groups]
-        facs, logdets = zip(*[_gram_logdet(X[k], a[k]) for k in range(K)])
+        facs, logdets = zip(*_chol_logdets([_gram(X[k], a[k]) for k in range(K)]))
     elif m > d:                              # d x d side: I_d + a_k Z^T Pi_k Z
         X = [xp.sqrt(pi[:, k:k + 1]) * Zc for k in range(K)]
-        facs, logdets = zip(*[_gram_logdet(X[k], a[k]) for k in range(K)])
+        facs, logdets = zip(*_chol_logdets([_gram(X[k], a[k]) for k in range(K)]))
     else:                                    # m x m side: I_m + a_k Pi_k^1/2 Z Z^T Pi_k^1/2
         Kz = Zc @ Zc.T
         s = xp.sqrt(pi)
-        facs, logdets = zip(*[_chol_logdet(_add_identity(Kz * (a[k] * s[:, k:k + 1] * s[:, k])))
-                              for k in range(K)])
+        facs, logdets = zip(*_chol_logdets([_add_identity(Kz * (a[k] * s[:, k:k + 1] * s[:, k]))
+                                            for k in range(K)]))
     ell = xp.stack(logdets)                  # (K,) logdet(I_d + a_k Z^T Pi_k Z)
     L = (c * ell).sum() - (mk * xp.log(mk / m)).sum()
     return L, (gate, Zc, r, normalize, scale_grad, pi, groups, X, Kz, facs, ell, mk, R, rbar, a, c,
@@ -574,7 +601,7 @@ def moe_coding_length_backward(cache, dL=1.0):
         q = xp.empty_like(pi)
         for k in range(K):
             V = _chol_solve(facs[k], Zc.T).T
-            q[:, k] = xp.einsum("ij,ij->i", Zc, V)
+            q[:, k] = row_dot(Zc, V)
             dZ += (2 * c[k] * a[k]) * pi[:, k:k + 1] * V
         gamma = xp.sum(pi * q, axis=0)
     else:  # m x m side: V_k = Z - a_k Kz H_k Z, H_k = Pi_k^1/2 G_k^{-1} Pi_k^1/2 (Woodbury)
@@ -584,7 +611,7 @@ def moe_coding_length_backward(cache, dL=1.0):
             s = xp.sqrt(pi[:, k])
             H = s[:, None] * _chol_solve(facs[k], xp.diag(s))
             KH = Kz @ H
-            q[:, k] = xp.diagonal(Kz) - a[k] * xp.einsum("ij,ij->i", KH, Kz)
+            q[:, k] = xp.diagonal(Kz) - a[k] * row_dot(KH, Kz)
             M += (2 * c[k] * a[k] ** 2) * pi[:, k:k + 1] * KH
         gamma = xp.sum(pi * q, axis=0)
         dZ = (2 * pi @ (c * a))[:, None] * Zc - M @ Zc

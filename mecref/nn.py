@@ -36,7 +36,7 @@ import numbers
 import numpy as np
 
 from . import schemes
-from .backend import MecrefError, array_module, get_xp, to_host
+from .backend import MecrefError, array_module, get_xp, row_dot, to_host
 from .threads import over_channels
 from .validate import check_array, check_choice, check_int
 
@@ -572,9 +572,9 @@ class BatchNorm2d(Layer):
         y = xp.empty_like(xc)
 
         def normalize(c):                                          # channels c: independent
-            mu[c] = xp.einsum("cm->c", x2[c]) / M
+            mu[c] = row_dot(x2[c]) / M
             xp.subtract(x2[c], mu[c, None], out=xc[c])
-            var[c] = xp.einsum("cm,cm->c", xc[c], xc[c]) / M
+            var[c] = row_dot(xc[c], xc[c]) / M
             t[c] = 1.0 / xp.sqrt(var[c] + self.eps)
             xp.multiply(xc[c], (gamma[c] * t[c])[:, None], out=y[c])   # gamma xhat + beta
             y[c] += beta[c, None]
@@ -602,8 +602,8 @@ class BatchNorm2d(Layer):
         tmp = self._buffer(xp, "tmp", xc.shape, xc.dtype)
 
         def backward(c):                                           # channels c: independent
-            dbeta[c] = xp.einsum("cm->c", dy2[c])
-            dgamma[c] = xp.einsum("cm,cm->c", dy2[c], xc[c]) * t[c]  # sum dy xhat, xhat = xc t
+            dbeta[c] = row_dot(dy2[c])
+            dgamma[c] = row_dot(dy2[c], xc[c]) * t[c]                # sum dy xhat, xhat = xc t
             # dx = gamma t / M (M dy - dbeta - xhat dgamma) = a dy - a dbeta / M - xc (a t dgamma / M)
             xp.multiply(dy2[c], a[c, None], out=dx[c])
             dx[c] -= xp.multiply(xc[c], (a[c] * t[c] * dgamma[c] / M)[:, None], out=tmp[c])
@@ -717,6 +717,14 @@ class _FakeQuant:
         if self.a_quant is not None and self.a_quant.init is not None:
             self.a_quant.init(self._arrays(self.a_quant), x, self.a_bits, self.a_signed)
         self.buffers["ready"][...] = 1
+        self._ready = True
+
+    def _quant_ready(self):
+        """The buffer ``ready``, read from the device once and then remembered (a host sync
+        per forward otherwise); ``load_state_dict`` makes the layer read it again."""
+        if getattr(self, "_ready", None) is None:
+            self._ready = bool(float(self.buffers["ready"]))
+        return self._ready
 
     def _quant_w(self, W, train=True):
         """Fake-quantized weight and what its backward needs."""
@@ -749,7 +757,7 @@ class _FakeQuant:
 
     def _quant_forward(self, x, train, core):
         """Quantize x and W, run the layer's core, cache the quantizer caches (train)."""
-        if "ready" in self.buffers and not float(self.buffers["ready"]):
+        if "ready" in self.buffers and not self._quant_ready():
             self._init_quant(x)
         xq, cx = self._quant_x(x, train)
         Wq, cw = self._quant_w(self.params["W"], train)
@@ -879,6 +887,8 @@ class _Container:
         for name, (d, key) in entries.items():
             xp = array_module(d[key])
             d[key][...] = xp.asarray(state[name], dtype=d[key].dtype)
+        for layer in self.layers:
+            layer.__dict__.pop("_ready", None)   # buffers["ready"] may have changed
 
     def astype(self, dtype):
         """Cast every layer's params and buffers (float64 for gradient checks); returns self."""

@@ -30,9 +30,9 @@ import numpy as np
 from . import data as mdata
 from . import losses, nn, optim, regularizers, schemes
 from .backend import (MecrefError, array_module, backend_name, get_xp,
-                      scipy_blas_single_thread, to_host)
+                      scipy_blas_single_thread, to_backend, to_host)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .validate import check_bits, check_choice, check_int, check_positive
+from .validate import check_bits, check_choice, check_int, check_positive, values_trusted
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "train_small_cnn",
            "loss_and_grads", "evaluate", "QUANTIZERS", "REGULARIZERS"]
@@ -238,6 +238,12 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
 
     model = nn.small_cnn(**cfg.model_config(), backend=cfg.backend, seed=cfg.seed)
     opt = optim.SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # the images move to the backend once per run (uint8: a quarter of the float32 size), not
+    # once per epoch or per evaluation; a no-op on NumPy
+    x_train, y_train = _on(cfg.backend, x_train, y_train)
+    x_test, y_test = _on(cfg.backend, ds.x_test, ds.y_test)
+    if x_val is not None:
+        x_val, y_val = _on(cfg.backend, x_val, y_val)
     steps_per_epoch = len(x_train) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -256,6 +262,9 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
             raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit the model: {exc}") from None
         history, start_epoch, step = meta["history"], meta["epoch"], meta["step"]
         report.line(f"resumed from {ckpt_path} after epoch {start_epoch}")
+        if meta["config"].get("backend") != cfg.backend:  # same math, another device: allowed
+            report.line(f"the checkpoint was written on backend={meta['config'].get('backend')!r}, "
+                        f"this run continues on backend={cfg.backend!r}")
     elif cfg.init_from:
         _load_fp_weights(model, cfg.init_from)
     elif cfg.pretrain_epochs:
@@ -293,8 +302,8 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
         row = dict(epoch=epoch + 1, loss=sums["loss"] / n, ce=sums["ce"] / n, reg=sums["reg"] / n,
                    train_acc=sums["correct"] / max(sums["seen"], 1),
                    val_acc=evaluate(model, x_val, y_val) if x_val is not None else None,
-                   test_acc=evaluate(model, ds.x_test, ds.y_test), lr=float(opt.lr),
-                   seconds=seconds, samples_per_s=sums["seen"] / seconds)
+                   test_acc=evaluate(model, x_test, y_test), lr=float(opt.lr),
+                   seconds=seconds, samples_per_s=sums["seen"] / seconds, backend=cfg.backend)
         history.append(row)
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, model.state_dict(), opt.state_dict(),
@@ -310,12 +319,19 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
 
 
 def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
-    """One step: two views forward, CE + beta * L_reg, closed-form backward, SGD update."""
+    """One step: two views forward, CE + beta * L_reg, closed-form backward, SGD update.
+
+    The batch comes from a dataset checked when it was loaded, so the layers, the loss and the
+    regulariser run with their value checks off (``validate.values_trusted``) and the step
+    reads the device once: the loss parts, the correct count and the gradients' squared norm,
+    in one small array (on a GPU every read is a host sync). A non-finite loss or gradient is
+    then located, with more reads, before any update.
+    """
     x1, x2 = mdata.two_views(xb, rng)
     parts = loss_and_grads(model, x1, x2, yb, cfg, step)
     opt.step()
-    correct = int(to_host((parts.pop("logits").argmax(axis=1) == parts.pop("y")).sum()))
-    return dict(parts, correct=correct, seen=int(2 * xb.shape[0]))
+    return dict(loss=parts["loss"], ce=parts["ce"], reg=parts["reg"], correct=parts["correct"],
+                seen=int(2 * xb.shape[0]))
 
 
 def loss_and_grads(model, x1, x2, yb, cfg: TrainConfig, step: int = 0) -> dict:
@@ -324,31 +340,45 @@ def loss_and_grads(model, x1, x2, yb, cfg: TrainConfig, step: int = 0) -> dict:
 
     .. math:: \\mathcal{L} = \\mathrm{CE}(f_q([x_1; x_2]), [y; y]) + \\beta\\, L_{reg}(Z_1, Z_2)
 
-    Returns ``dict(loss, ce, reg, logits, y)`` (``logits`` (2B, classes) and ``y`` (2B,) of
-    the concatenated batch); raises :class:`TrainingDivergedError` on NaN or inf.
+    Returns ``dict(loss, ce, reg, correct, logits, y)`` (host floats and the correct count;
+    ``logits`` (2B, classes) and ``y`` (2B,) of the concatenated batch); raises
+    :class:`TrainingDivergedError` on NaN or inf.
     """
     xp = array_module(x1)
     B = x1.shape[0]
     x = xp.concatenate([x1, x2], axis=0)
     y = xp.concatenate([yb, yb], axis=0)
     try:
-        logits, feats, taps = model.forward(x, train=True, taps=_taps(cfg))
-        ce, ce_cache = losses.softmax_cross_entropy(logits, y)  # refuses NaN/inf logits
-        reg_value, dfeats, dtaps = _regularizer(feats, taps, B, cfg)  # refuses NaN/inf rows
-    except (MecrefError, np.linalg.LinAlgError) as exc:  # a layer, the loss or the regulariser
-        # met NaN or inf, or the regulariser is undefined (det(I + C) <= 0) or its Gram matrix
-        # lost positive definiteness in floating point (a tiny per-expert eps)
+        with values_trusted():
+            logits, feats, taps = model.forward(x, train=True, taps=_taps(cfg))
+            ce, ce_cache = losses.softmax_cross_entropy(logits, y)
+            reg, dfeats, dtaps = _regularizer(feats, taps, B, cfg)
+            model.backward(losses.softmax_cross_entropy_backward(ce_cache, 1.0), dfeats, dtaps)
+    except (MecrefError, np.linalg.LinAlgError) as exc:  # the regulariser is undefined
+        # (det(I + C) <= 0) or its Gram matrix lost positive definiteness in floating point
+        # (a tiny per-expert eps); a NaN on the way may be the cause
         where = _locate_nonfinite(model, x)
         if where is None:
             raise TrainingDivergedError(f"{exc} (at training step {step})") from exc
         raise TrainingDivergedError(f"{where} at step {step}") from exc
-    loss = float(ce) + cfg.reg_weight * reg_value
-    if not math.isfinite(loss):
-        raise TrainingDivergedError(f"loss is {loss} (ce={float(ce)}, reg={reg_value}) at step {step}")
-    dlogits = losses.softmax_cross_entropy_backward(ce_cache, 1.0)
-    model.backward(dlogits, dfeats, dtaps)
-    _check_grads(model, step)
-    return dict(loss=loss, ce=float(ce), reg=reg_value, logits=logits, y=y)
+    named = list(model.named_params())
+    grad_sq = sum(xp.sum(layer.grads[key] * layer.grads[key]) for _, layer, key in named)
+    correct = (logits.argmax(axis=1) == y).sum()
+    parts = [ce, grad_sq, correct] + ([] if reg is None else [reg])
+    host = to_host(xp.stack([xp.asarray(v, dtype=np.float64) for v in parts]))  # the one read
+    ce_h, grad_sq_h, correct_h = float(host[0]), float(host[1]), int(host[2])
+    reg_h = 0.0 if reg is None else float(host[3])
+    loss = ce_h + cfg.reg_weight * reg_h
+    if not (math.isfinite(loss) and math.isfinite(grad_sq_h)):
+        # a non-finite activation explains both (a quantizer clips inf to a finite code, so
+        # the loss can stay finite while the step's gradient does not)
+        where = _locate_nonfinite(model, x)
+        if where is not None:
+            raise TrainingDivergedError(f"{where} at step {step}")
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(f"loss is {loss} (ce={ce_h}, reg={reg_h}) at step {step}")
+        _check_grads(model, step)
+    return dict(loss=loss, ce=ce_h, reg=reg_h, correct=correct_h, logits=logits, y=y)
 
 
 def _taps(cfg: TrainConfig) -> tuple:
@@ -359,10 +389,11 @@ def _taps(cfg: TrainConfig) -> tuple:
 
 
 def _regularizer(feats, taps, B, cfg: TrainConfig):
-    """beta * L_reg and its gradients: w.r.t. the (2B, d) penultimate features, and w.r.t.
-    each tapped block output (derivations T1, T3); ``(0.0, None, None)`` without one."""
+    """L_reg's value (before beta: a float64 0-d array on the features' backend, or None
+    without a regulariser) and beta times its gradients: w.r.t. the (2B, d) penultimate
+    features, and w.r.t. each tapped block output (derivations T1, T3)."""
     if cfg.reg is None or cfg.reg_weight == 0.0:
-        return 0.0, None, None
+        return None, None, None
     reg = regularizers.get(cfg.reg)
     params = {p: getattr(cfg, p) for p in reg.params}
     value, dfeats = _regularize_rows(reg, feats, B, cfg.eps, cfg.reg_weight, params)
@@ -371,35 +402,39 @@ def _regularizer(feats, taps, B, cfg: TrainConfig):
         rows = h.reshape(h.shape[0], -1)
         eps_b = cfg.eps * math.sqrt(rows.shape[1] / feats.shape[1])
         v, drows = _regularize_rows(reg, rows, B, eps_b, cfg.reg_weight, params)
-        value += v
+        value = value + v
         dtaps[name] = drows.reshape(h.shape)
     return value, dfeats, dtaps
 
 
 def _regularize_rows(reg, rows, B, eps, beta, params):
-    """L_reg(Z1, Z2) / B on the (2B, d) rows of the two views, and beta times its gradient."""
+    """L_reg(Z1, Z2) / B on the (2B, d) rows of the two views (a float64 0-d array on their
+    backend), and beta times its gradient."""
     xp = array_module(rows)
-    dead = (rows == 0).all(axis=1)  # a sample whose ReLU features are all zero has no direction:
-    if bool(dead.any()):            # give it a tiny constant row (direction 1/sqrt(d)), see T1
-        rows = rows.copy()
-        rows[dead] = xp.finfo(rows.dtype).tiny ** 0.25
+    # a sample whose ReLU features are all zero has no direction: give it a tiny constant row
+    # (direction 1/sqrt(d)), see T1; a select, not a branch on the host
+    dead = (rows == 0).all(axis=1)
+    rows = xp.where(dead[:, None], xp.finfo(rows.dtype).tiny ** 0.25, rows)
     Z1, Z2 = rows[:B], rows[B:]
     L, cache = reg.forward(Z1, Z2, eps, **params)
     dZ1, dZ2 = reg.backward(cache, beta / B)
-    return float(L) / B, xp.concatenate([dZ1, dZ2], axis=0).astype(rows.dtype, copy=False)
+    value = xp.asarray(L, dtype=np.float64) / B
+    return value, xp.concatenate([dZ1, dZ2], axis=0).astype(rows.dtype, copy=False)
 
 
 def _check_grads(model, step):
-    """Stop on a non-finite gradient, naming the parameter (one host sync per step)."""
-    named = list(model.named_params())
-    xp = array_module(named[0][1].grads[named[0][2]])
-    total = sum(xp.sum(layer.grads[key] * layer.grads[key]) for _, layer, key in named)
-    if bool(xp.isfinite(total)):
-        return
-    for name, layer, key in named:
+    """After a non-finite squared gradient norm: name the first parameter whose gradient holds
+    NaN or inf, or say the norm overflowed."""
+    for name, layer, key in model.named_params():
+        xp = array_module(layer.grads[key])
         if not bool(xp.isfinite(layer.grads[key]).all()):
             raise TrainingDivergedError(f"non-finite gradient in {name} at step {step}")
     raise TrainingDivergedError(f"gradient norm overflowed at step {step}")
+
+
+def _on(backend, x, y):
+    """uint8 images and int64 labels on a backend."""
+    return to_backend(x, backend), to_backend(y, backend, dtype=np.int64)
 
 
 def _nonfinite_state(model):
@@ -447,15 +482,17 @@ def _check_progress(meta, path, epochs, steps_per_epoch):
 
 
 def evaluate(model, x_uint8, y, batch_size: int = 1000) -> float:
-    """Test accuracy of a model (eval mode) on uint8 images and integer labels."""
+    """Test accuracy of a model (eval mode) on uint8 images (N, H, W) and integer labels, on
+    the host or on the model's backend (then nothing is copied); one read of the device."""
     correct = 0
     backend = _model_backend(model)
     in_order = np.random.default_rng(0)  # unused: shuffle=False keeps the data's order
-    for xb, yb in mdata.iterate_batches(x_uint8, y, min(batch_size, len(x_uint8)), in_order,
-                                        shuffle=False, drop_last=False, backend=backend):
-        logits, _ = model.forward(xb, train=False)
-        correct += int(to_host((logits.argmax(axis=1) == yb).sum()))
-    return correct / len(x_uint8)
+    with values_trusted():               # normalised uint8 images are finite
+        for xb, yb in mdata.iterate_batches(x_uint8, y, min(batch_size, len(x_uint8)), in_order,
+                                            shuffle=False, drop_last=False, backend=backend):
+            logits, _ = model.forward(xb, train=False)
+            correct = correct + (logits.argmax(axis=1) == yb).sum()
+    return int(to_host(correct)) / len(x_uint8)
 
 
 def _model_backend(model) -> str:

@@ -1,14 +1,41 @@
 """Checks at the public boundary: each raises MecrefError naming the argument,
-what was expected and what was given. Inner functions trust their inputs."""
+what was expected and what was given. Inner functions trust their inputs.
+
+Checks of array *values* (finite, > 0, labels in range, non-zero rows) read the data: on a GPU
+each one is a host sync, a stall of the device's queue. A caller that has validated its data
+once, the training step, runs its inner calls inside :func:`values_trusted`, where those checks
+are skipped (shapes, dtypes and scalar arguments are still checked).
+"""
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
 
 import numpy as np
 
 from .backend import MecrefError, array_module
 
-__all__ = ["check_array", "check_bits", "check_positive", "check_choice", "check_int"]
+__all__ = ["check_array", "check_bits", "check_positive", "check_choice", "check_int",
+           "values_trusted", "values_checked"]
+
+_trust = threading.local()
+
+
+@contextlib.contextmanager
+def values_trusted():
+    """Inside the block (this thread only), the checks that read array values are skipped."""
+    old = getattr(_trust, "on", False)
+    _trust.on = True
+    try:
+        yield
+    finally:
+        _trust.on = old
+
+
+def values_checked() -> bool:
+    """False inside :func:`values_trusted`: whether to run the checks that read array values."""
+    return not getattr(_trust, "on", False)
 
 
 def check_array(name, x, ndim=None, min_ndim=None, finite=True, floating=True, nonempty=True):
@@ -23,7 +50,7 @@ def check_array(name, x, ndim=None, min_ndim=None, finite=True, floating=True, n
         raise MecrefError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     if floating and not np.issubdtype(np.dtype(x.dtype), np.floating):
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if finite and x.size:
+    if finite and x.size and values_checked():
         xp = array_module(x)
         if not bool(xp.isfinite(x).all()):
             raise MecrefError(f"{name} must be finite, got NaN or inf")

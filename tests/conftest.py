@@ -1,4 +1,6 @@
+import contextlib
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -24,12 +26,63 @@ BACKEND_PARAMS = [
 ]
 
 
+def _closed_over(fn):
+    """The values a closure holds (a variable not assigned yet is left out)."""
+    out = []
+    for cell in fn.__closure__ or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def cupy_stand_in():
+    """backend="cupy" on the stand-in tests/fakecupy (docs/design.md), its counters reset.
+
+    mecref.threads must not split device work: every call of ``over_channels`` is checked,
+    and one whose kernel closes over a device array but is handed NumPy as its array module
+    (so it would be split over threads) fails the test; ``fakecupy.threads_calls`` counts the
+    calls seen on device and host arrays.
+    """
+    import fakecupy
+    from mecref import backend as B
+    from mecref import nn, threads
+
+    real = threads.over_channels
+    fakecupy.threads_calls = calls = {"device": 0, "host": 0}
+
+    def guarded(kernel, channels, elements, xp=np):
+        on_device = any(isinstance(v, fakecupy.ndarray) for v in _closed_over(kernel))
+        if on_device and xp is np:
+            raise AssertionError("mecref.threads was asked to split device arrays over threads")
+        calls["device" if on_device else "host"] += 1
+        return real(kernel, channels, elements, xp)
+
+    with B.cupy_stand_in(fakecupy.cupy, fakecupy.cupyx), \
+            mock.patch.object(threads, "over_channels", guarded), \
+            mock.patch.object(nn, "over_channels", guarded):
+        fakecupy.reset_counters()
+        yield fakecupy
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
-    """Run a test on each backend; the cupy case skips where no GPU is usable."""
+    """Run a test on each backend: "cupy" on the real CuPy where a GPU is usable, else on the
+    stand-in tests/fakecupy (no skip)."""
     if request.param == "cupy" and not _cupy_usable():
-        pytest.skip("no usable CuPy/CUDA device here")
-    return request.param
+        with cupy_stand_in():
+            yield "cupy"
+    else:
+        yield request.param
+
+
+@pytest.fixture
+def fake_cupy():
+    """The stand-in itself, active (backend="cupy" is it inside the test)."""
+    with cupy_stand_in() as fc:
+        yield fc
 
 
 @pytest.fixture

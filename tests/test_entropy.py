@@ -574,12 +574,27 @@ def test_float32_in_float32_out(m, d, rng):
             np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * np.abs(b).max())
 
 
-def test_backends_agree(backend, rng):
-    """Each pair on to_backend(Z, backend) against the float64 NumPy result."""
-    U1, U2 = two_views(6, 4, 11)
-    W = rng.standard_normal((4, 2))
+@pytest.mark.parametrize("m,d", [(6, 4), (4, 6)])
+def test_backends_agree(backend, m, d, rng):
+    """Each pair, and the options of the MOE form, on to_backend(Z, backend) against the
+    float64 NumPy result, on both sides of the Gram matrix (m > d and m < d)."""
+    U1, U2 = two_views(m, d, 11)
+    W = rng.standard_normal((d, 2))
     on = lambda X: to_backend(X, backend)
-    for fwd, bwd in all_pairs(1.5, 2):
+    same_place = lambda X, A: X if isinstance(A, np.ndarray) else on(X)
+    moe = moe_coding_length
+    options = [
+        (lambda A, B, W: moe(A, 1.5, experts=2, scale_grad=True), moe_coding_length_backward),
+        (lambda A, B, W: moe(A, 1.5, experts=2, normalize=False), moe_coding_length_backward),
+        (lambda A, B, W: moe(A, 1.5, experts=2, gate="soft", W_g=W, scale_grad=True),
+         moe_coding_length_backward),
+        (lambda A, B, W: moe(A, 1.5, experts=2, expert_eps=same_place(np.array([1.0, 2.0]), A)),
+         moe_coding_length_backward),
+        (lambda A, B, W: mec_loss(A, B, 1.5, normalize=False), mec_loss_backward),
+        (lambda A, B, W: coding_length(A, 1.5, normalize=False),
+         lambda c: (coding_length_backward(c),)),
+    ]
+    for fwd, bwd in all_pairs(1.5, 2) + options:
         L, c = fwd(on(U1), on(U2), on(W))
         L0, c0 = fwd(U1, U2, W)
         np.testing.assert_allclose(float(L), float(L0), rtol=1e-10)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mecref.backend import MecrefError, to_backend, to_host
+from mecref.backend import MecrefError, array_module, backend_name, to_backend, to_host
 from mecref.quant import (
     dorefa_act_quantize, dorefa_act_quantize_backward,
     dorefa_weight_quantize, dorefa_weight_quantize_backward,
@@ -468,14 +468,15 @@ def test_float32_stays_float32(rng):
     assert y.dtype == np.float32 and lsq_quantize_backward(c, dy)[1].dtype == np.float32
 
 
-def test_backends_agree(backend, rng):
+@pytest.mark.parametrize("bits", [1, 3])
+def test_backends_agree(backend, bits, rng):
     x = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
-    ref = _run_all(x, dy)
-    got = _run_all(to_backend(x, backend), to_backend(dy, backend))
+    ref = _run_all(x, dy, bits)
+    got = _run_all(to_backend(x, backend), to_backend(dy, backend), bits)
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
-        assert type(a).__module__.split(".")[0] == backend
+        assert backend_name(array_module(a)) == backend
         np.testing.assert_allclose(to_host(a), b, rtol=1e-5, atol=1e-6)
 
 

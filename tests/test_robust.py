@@ -117,7 +117,7 @@ def _last_good(ck):
     return meta
 
 
-def test_non_finite_activation_names_the_layer_and_step(monkeypatch, tmp_path):
+def test_non_finite_activation_names_the_layer_and_step(monkeypatch, tmp_path, backend):
     # BatchNorm runs 3 times per training step (bn1, bn2, bn3): call 3 * 11 + 2 is bn2 at step 11
     def to_inf(layer, y):
         y = y.copy()
@@ -128,11 +128,11 @@ def test_non_finite_activation_names_the_layer_and_step(monkeypatch, tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"output of bn2 is NaN or inf \(every parameter "
                        r"finite\) at step 11 \(epoch 2, batch 4\); the last good checkpoint .*last.npz' "
                        r"\(epoch 1\) is kept"):
-        train_small_cnn(**KW, checkpoint_dir=tmp_path)
+        train_small_cnn(**KW, checkpoint_dir=tmp_path, backend=backend)
     assert _last_good(tmp_path)["epoch"] == 1
 
 
-def test_non_finite_gradient_names_the_parameter_and_step(monkeypatch, tmp_path):
+def test_non_finite_gradient_names_the_parameter_and_step(monkeypatch, tmp_path, backend):
     def nan_grad(layer, dx):
         layer.grads["W"][0, 0, 0, 0] = np.nan
         return dx
@@ -141,7 +141,7 @@ def test_non_finite_gradient_names_the_parameter_and_step(monkeypatch, tmp_path)
     _patch_after(monkeypatch, mnn.QuantConv2d, "backward", 3 * (STEPS + 2) + 2, nan_grad)
     with pytest.raises(TrainingDivergedError, match=r"non-finite gradient in conv2.W at step 10 "
                        r"\(epoch 2, batch 3\); the last good checkpoint"):
-        train_small_cnn(**KW, checkpoint_dir=tmp_path)
+        train_small_cnn(**KW, checkpoint_dir=tmp_path, backend=backend)
     assert _last_good(tmp_path)["epoch"] == 1
 
 
