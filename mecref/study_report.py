@@ -344,7 +344,7 @@ def _moe(data):
           "other-class | effective rank | separation |", "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         if r["reg"] is None or r["reg"] == "moe" or r["reg"] == "mec":
-            k = r["experts"] or 4
+            k = r["experts"] if r["experts"] and r["experts"] > 1 else 4
             L.append(f"| {r['form']} | {'-' if r['reg_weight'] is None else format(r['reg_weight'], 'g')} | "
                      f"{'-' if r['eps'] is None else format(r['eps'], 'g')} | {100 * r['val_acc']:.2f} | "
                      f"{r['same_cos_K2']:.3f} / {r['same_cos_K4']:.3f} / {r['same_cos_K8']:.3f} | "
