@@ -178,7 +178,7 @@ def test_plots_write_images(tmp_path, rng):
     table = [dict(bits="FP32", method="FP32", effective_rank=5.0, coding_length_per_sample=9.0,
                   between_within=2.0)]
     for b in ("W4A4", "W2A2"):
-        for meth, er in (("LSQ", 3.0), ("MEC-Quant (exact)", 4.0)):
+        for meth, er in (("LSQ", 3.0), ("MEC-Quant (Taylor n=4)", 4.0)):
             table.append(dict(bits=b, method=meth, effective_rank=er,
                               coding_length_per_sample=er * 2, between_within=None))
     p = plot_diagnostics(table, tmp_path / "sub" / "d.png")
@@ -236,11 +236,11 @@ def test_diagnose_cli_trains_measures_and_reuses_cells(tmp_path, capsys):
             "--n-samples", "200", "--workers", "1", "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "| W2A2 | MEC-Quant (exact) |" in out and "| FP32 | FP32 |" in out
+    assert "| W2A2 | MEC-Quant (Taylor n=4) |" in out and "| FP32 | FP32 |" in out
     res = json.loads((tmp_path / "diagnostics.json").read_text())
     assert [(r["bits"], r["method"]) for r in res["table"]] == [
-        ("FP32", "FP32"), ("W2A2", "LSQ"), ("W2A2", "MEC-Quant (exact)")]
-    assert [r["name"] for r in res["table"]] == ["FP32", "W2A2 LSQ", "W2A2 MEC-Quant (exact)"]
+        ("FP32", "FP32"), ("W2A2", "LSQ"), ("W2A2", "MEC-Quant (Taylor n=4)")]
+    assert [r["name"] for r in res["table"]] == ["FP32", "W2A2 LSQ", "W2A2 MEC-Quant (Taylor n=4)"]
     for r in res["table"]:
         assert 1.0 <= r["effective_rank"] <= r["d"] and r["m"] + r["zero_rows"] == 200
         assert r["coding_length_per_sample"] > 0 and 0.0 <= r["accuracy"] <= 1.0

@@ -440,12 +440,13 @@ def _run_all(x, dy, bits=3):
     out += [y, *lsq_quantize_backward(c, dy)]
     y, c = lsqplus_quantize(x, xp_s, 0.1, bits)
     out += [y, *lsqplus_quantize_backward(c, dy)]
-    y, c = ste_quantize(x, xp_s, bits, signed=True, mask="rounded", restricted=True)
-    out += [y, ste_quantize_backward(c, dy)]
-    y, c = lsq_quantize(x, xp_s, bits, signed=True, mask="rounded")
-    out += [y, *lsq_quantize_backward(c, dy)]
-    y, c = lsqplus_quantize(x, xp_s, 0.1, bits, signed=True, mask="rounded", restricted=True)
-    out += [y, *lsqplus_quantize_backward(c, dy)]
+    if bits > 1:                                 # the binary quantizer refuses mask="rounded"
+        y, c = ste_quantize(x, xp_s, bits, signed=True, mask="rounded", restricted=True)
+        out += [y, ste_quantize_backward(c, dy)]
+        y, c = lsq_quantize(x, xp_s, bits, signed=True, mask="rounded")
+        out += [y, *lsq_quantize_backward(c, dy)]
+        y, c = lsqplus_quantize(x, xp_s, 0.1, bits, signed=True, mask="rounded", restricted=True)
+        out += [y, *lsqplus_quantize_backward(c, dy)]
     y, c = pact_quantize(x, 1.5, bits)
     out += [y, *pact_quantize_backward(c, dy)]
     y, c = dorefa_weight_quantize(x, bits)
