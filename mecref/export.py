@@ -45,7 +45,7 @@ import numpy as np
 
 from . import nn, quant
 from .backend import MecrefError, array_module, backend_name, to_backend, to_host
-from .checkpoint import _verify_zip, write_atomic
+from .checkpoint import CheckpointError, _verify_zip, write_atomic
 from .data import PIXEL_MEAN, PIXEL_STD, normalize
 from .validate import check_int
 
@@ -62,6 +62,7 @@ _META = "__graph__"
 LOGIT_FRAC_BITS = 8          # logits carry 8 fractional bits below the coarsest accumulator step
 _ACC_LIMIT = 2 ** 31         # int32 accumulators
 _REQ_LIMIT = 2 ** 62         # int64 requantisation, one bit of headroom for the rounding add
+_INT_BUDGET = 256 << 20      # bytes an integer model's arrays may declare in all
 _OPS = ("lut", "conv2d", "linear", "requant", "maxpool2d", "requant_gap")
 
 
@@ -639,9 +640,11 @@ def load_int_model(path) -> IntModel:
     if not path.is_file():
         raise ExportError(f"integer model {str(path)!r} does not exist")
     try:
-        _verify_zip(path)                     # every member read whole: CRC-32 and names
+        _verify_zip(path, _INT_BUDGET, names=False)   # sizes bounded, then CRC-32 and names
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except CheckpointError as exc:
+        raise ExportError(str(exc).replace("checkpoint", "integer model", 1)) from None
     except Exception as exc:  # zipfile, numpy's header parser, ...: any failure here is corruption
         raise ExportError(f"integer model {str(path)!r} is truncated or corrupt "
                           f"({type(exc).__name__}: {exc})") from None
@@ -718,7 +721,12 @@ def _check_int_model(imodel, what):
 # ============================================================================ users
 def export_checkpoint(checkpoint, out) -> tuple:
     """Export a training checkpoint (``last.npz`` of :func:`mecref.train.train_small_cnn`) to an
-    integer model file; returns ``(IntModel, Path)``."""
+    integer model file; returns ``(IntModel, Path)``. Writing over the checkpoint itself is
+    refused."""
+    if (isinstance(checkpoint, (str, os.PathLike)) and isinstance(out, (str, os.PathLike))
+            and Path(out).resolve() == Path(checkpoint).resolve()):
+        raise ExportError(f"out {str(out)!r} is the checkpoint being exported: give another "
+                          f"file name")
     model = _model_from_checkpoint(checkpoint)
     imodel = export_int_model(model)
     return imodel, save_int_model(imodel, out)
