@@ -696,10 +696,11 @@ def _check_int_model(imodel, what):
                 bad(f"node {i} ({node['op']}): {key} {node.get(key)!r} is missing or not an integer array")
         if node["op"] in ("requant", "requant_gap"):
             n = imodel.arrays[node["shift"]]
-            F = len(imodel.arrays[node["multiplier"]])
-            if n.shape != (F,) or n.min() < 1 or n.max() > 62:
+            Mk = imodel.arrays[node["multiplier"]]
+            F = Mk.shape[0] if Mk.ndim == 1 else 0
+            if F < 1 or n.shape != (F,) or n.min() < 1 or n.max() > 62:
                 bad(f"node {i}: shift must be ({F},) in 1..62")
-            if imodel.arrays[node["offset"]].shape[0] != F:
+            if imodel.arrays[node["offset"]].shape[:1] != (F,):
                 bad(f"node {i}: offset must have {F} rows")
             if node.get("dtype") not in ("uint8", "int8", "int16", "int32", "int64"):
                 bad(f"node {i}: dtype must name an integer type, got {node.get('dtype')!r}")
@@ -716,6 +717,47 @@ def _check_int_model(imodel, what):
         defined.add(node.get("output"))
     if imodel.graph[-1].get("output") not in imodel.tensors:
         bad("the last node's output is not described in tensors")
+    _check_int_flow(imodel, bad)
+
+
+def _check_int_flow(imodel, bad):
+    """Channel counts along the graph (1 image channel; each conv's and linear's input
+    channels those of the tensor it reads; each requant one row per channel, shifts not
+    empty, offsets at least 1-d), kernels and padding that fit the input, requant codes within
+    their dtype, and |M| < 2^31, |C| < 2^62 so that M acc + C never wraps in int64 (X4)."""
+    ch = {"image": 1}
+    for i, node in enumerate(imodel.graph):
+        op, c = node["op"], ch.get(node["input"])
+        A = {k: imodel.arrays[node[k]] for k in _NODE_ARRAYS[op]}
+        if op in ("conv2d", "linear"):
+            w = A["weight"]
+            if w.ndim != (4 if op == "conv2d" else 2) or w.shape[0] < 1 or w.shape[1] != c:
+                bad(f"node {i} ({op}): weight of shape {w.shape} must read {c} input channels "
+                    f"with at least one filter")
+            if op == "conv2d" and not (w.shape[2] == w.shape[3] <= 64 and node["padding"] < w.shape[2]):
+                bad(f"node {i} (conv2d): kernel {w.shape[2:]} must be square, at most 64, with "
+                    f"padding ({node['padding']}) smaller than it")
+            c = w.shape[0]
+        if op in ("requant", "requant_gap"):
+            F = len(A["multiplier"]) if A["multiplier"].ndim == 1 else -1
+            if F != c or A["shift"].size == 0 or A["offset"].ndim < 1:
+                bad(f"node {i} ({op}): multiplier, shift and offset need one row per channel "
+                    f"({c}), got shapes {A['multiplier'].shape}, {A['shift'].shape}, "
+                    f"{A['offset'].shape}")
+            if np.abs(A["multiplier"].astype(np.float64)).max() >= 2.0 ** 31 or any(
+                    np.abs(A[k].astype(np.float64)).max(initial=0) >= 2.0 ** 62
+                    for k in ("offset", "post_offset") if k in A):
+                bad(f"node {i} ({op}): |multiplier| must be < 2^31 and |offset| < 2^62 (int64 "
+                    f"arithmetic would wrap)")
+            info = np.iinfo(node["dtype"])
+            lims = (node.get("qmin"), node.get("qmax"))
+            if lims == (None, None) and node["dtype"] != "int64":
+                bad(f"node {i} ({op}): qmin, qmax may be null only for int64 output, got "
+                    f"dtype {node['dtype']}")
+            if lims != (None, None) and not (info.min <= lims[0] and lims[1] <= info.max):
+                bad(f"node {i} ({op}): qmin, qmax {lims} must lie within {node['dtype']} "
+                    f"[{info.min}, {info.max}]")
+        ch[node["output"]] = c
 
 
 # ============================================================================ users

@@ -386,3 +386,33 @@ def test_grid_workers_stop_with_their_runner(tmp_path, sig):
     cells = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
     time.sleep(1.0)   # nothing is left to write more cells
     assert (len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0) == cells
+
+
+# ------------------------------------------------------------------ 12: the integer-model loader
+@pytest.fixture(scope="module")
+def int_model_file(trained, tmp_path_factory):
+    return export_checkpoint(trained / "last.npz", tmp_path_factory.mktemp("int") / "m.npz")[1]
+
+
+def _node(imodel, name):
+    return next(n for n in imodel.graph if n["name"] == name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.arrays.update({"conv2.w": m.arrays["conv2.w"][:, :3]}), r"conv2d\): weight of shape \(8, 3, 3, 3\) must read 4 input"),
+    (lambda m: m.arrays.update({"conv2.w": m.arrays["conv2.w"][:0]}), r"at least one filter"),
+    (lambda m: m.arrays.update({"conv2.n": m.arrays["conv2.n"][:0]}), r"shift must be \(8,\)|one row per channel"),
+    (lambda m: m.arrays.update({"conv2.C": np.int64(5)}), r"one row per channel"),
+    (lambda m: _node(m, "conv2.requant").update(qmin=None, qmax=None), r"null only for int64"),
+    (lambda m: _node(m, "conv2.requant").update(qmax=300), r"qmin, qmax \(0, 300\) must lie within uint8"),
+    (lambda m: m.arrays.update({"conv2.M": m.arrays["conv2.M"].astype(np.int64) * 2 ** 33}), r"multiplier\| must be < 2\^31"),
+    (lambda m: m.arrays.update({"conv2.C": m.arrays["conv2.C"] + 2 ** 62}), r"offset\| < 2\^62"),
+    (lambda m: _node(m, "conv2").update(padding=100000), r"padding \(100000\) smaller"),
+])
+def test_the_integer_loader_checks_the_whole_graph(int_model_file, tmp_path, change, message):
+    from mecref.export import load_int_model, save_int_model
+    imodel = load_int_model(int_model_file)
+    change(imodel)
+    with pytest.raises(ExportError, match=message):
+        save_int_model(imodel, tmp_path / "bad.npz")
+        load_int_model(tmp_path / "bad.npz")
