@@ -465,7 +465,8 @@ def _check_ready(m_state, path):
     unready = sorted(k for k, v in m_state.items() if k.endswith(".ready") and not np.all(v == 1))
     if unready:
         raise CheckpointError(f"checkpoint {str(path)!r} has {unready[0]} = "
-                              f"{m_state[unready[0]]!r}, expected 1 after an epoch of training")
+                              f"{float(np.ravel(m_state[unready[0]])[0])!r}, expected 1 after an "
+                              f"epoch of training")
 
 
 def evaluate(model, x_uint8, y, batch_size: int = 1000) -> float:

@@ -70,7 +70,7 @@ def test_resume_refuses_invalid_state_naming_the_array(trained, tmp_path, entry,
     del meta["format_version"]
     save_checkpoint(d / "last.npz", state, opt, meta)
     with pytest.raises(CheckpointError, match=message):
-        train_small_cnn(**dict(TINY, epochs=2), checkpoint_dir=d, resume=True)
+        train_small_cnn(**TINY, checkpoint_dir=d, resume=True)
 
 
 # ------------------------------------------------------------------ 11: crafted, oversized files
@@ -286,13 +286,14 @@ def tmpfs(tmp_path):
 
 
 def test_a_full_or_read_only_disk_is_refused_before_training(tmpfs, capsys):
-    with open(tmpfs / "filler", "wb") as fh:    # fill the tmpfs to its last byte
-        try:
-            while True:
-                fh.write(bytes(4096))
-                fh.flush()
-        except OSError:
+    fd = os.open(tmpfs / "filler", os.O_CREAT | os.O_WRONLY)   # fill the tmpfs to its last byte
+    try:
+        while os.write(fd, bytes(4096)):
             pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     assert cli.main(CLI_TINY + ["--checkpoint-dir", str(tmpfs / "ck")]) == 2
     err = capsys.readouterr().err
     assert "is not a writable folder: No space left on device" in err, err
@@ -402,7 +403,7 @@ def _node(imodel, name):
     (lambda m: m.arrays.update({"conv2.w": m.arrays["conv2.w"][:, :3]}), r"conv2d\): weight of shape \(8, 3, 3, 3\) must read 4 input"),
     (lambda m: m.arrays.update({"conv2.w": m.arrays["conv2.w"][:0]}), r"at least one filter"),
     (lambda m: m.arrays.update({"conv2.n": m.arrays["conv2.n"][:0]}), r"shift must be \(8,\)|one row per channel"),
-    (lambda m: m.arrays.update({"conv2.C": np.int64(5)}), r"one row per channel"),
+    (lambda m: m.arrays.update({"conv2.C": np.int64(5)}), r"node 5: offset must have 8 rows"),
     (lambda m: _node(m, "conv2.requant").update(qmin=None, qmax=None), r"null only for int64"),
     (lambda m: _node(m, "conv2.requant").update(qmax=300), r"qmin, qmax \(0, 300\) must lie within uint8"),
     (lambda m: m.arrays.update({"conv2.M": m.arrays["conv2.M"].astype(np.int64) * 2 ** 33}), r"multiplier\| must be < 2\^31"),
