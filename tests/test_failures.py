@@ -417,3 +417,58 @@ def test_the_integer_loader_checks_the_whole_graph(int_model_file, tmp_path, cha
     with pytest.raises(ExportError, match=message):
         save_int_model(imodel, tmp_path / "bad.npz")
         load_int_model(tmp_path / "bad.npz")
+
+
+# ------------------------------------------------------------------ 14: the smaller ones
+def test_output_files_follow_the_umask(tmp_path):
+    from mecref.checkpoint import write_atomic
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.json", lambda fh: fh.write(b"{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_plot_replaces_a_symlink_instead_of_writing_through_it(tmp_path):
+    from matplotlib.figure import Figure
+    from mecref.diagnostics import _save
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    link = tmp_path / "spectra.png"
+    link.symlink_to(target)
+    fig = Figure()
+    fig.add_subplot().plot([0, 1])
+    _save(fig, link)
+    assert target.read_text() == "keep me"
+    assert not link.is_symlink() and link.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_config_mismatch_names_only_the_differing_fields(trained):
+    _, _, meta = load_checkpoint(trained / "last.npz")
+    want = dict(meta, config=dict(meta["config"], seed=9))
+    with pytest.raises(CheckpointError, match=r"\(config: seed checkpoint 0 vs run 9\)$"):
+        load_checkpoint(trained / "last.npz", expect_config=want, keys=("config",))
+
+
+@pytest.mark.parametrize("call, exc, message", [
+    (lambda: train_small_cnn(**dict(TINY, warmup_epochs=1e9)), MecrefError, r"warmup_epochs \(1000000000\.0\) must be at most epochs \(1\)"),
+    (lambda: train_small_cnn({"epochs": 1}), TypeError, r"config must be a TrainConfig .* got dict"),
+    (lambda: train_small_cnn(**TINY, checkpoint_dir=123), TypeError, r"checkpoint_dir must be a str or path-like, got int 123"),
+])
+def test_confusing_arguments_get_clear_messages(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_from_sweep_of_a_missing_folder_is_refused(tmp_path):
+    from mecref.experiments import settings_from_sweep
+    with pytest.raises(MecrefError, match=r"sweep_dir '.*nonexistent' holds no sweep"):
+        settings_from_sweep(tmp_path / "nonexistent")
+
+
+@pytest.mark.parametrize("extra, message", [(["--seeds", "0", "0"], "--seeds must be distinct"),
+                                            (["--workers", "0"], "--workers must be at least 1")])
+def test_dry_run_checks_seeds_and_workers(tmp_path, capsys, extra, message):
+    assert cli.main(["table", "--out", str(tmp_path), "--dry-run"] + extra) == 2
+    assert message in capsys.readouterr().err
