@@ -3,7 +3,9 @@ done by library functions that Python code can call the same way."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from .backend import MecrefError
 
@@ -68,12 +70,16 @@ def _add_train(sub):
                    help="peak learning rate of that FP32 pretraining (default: %(default)s)")
     p.add_argument("--checkpoint-dir", default=None, help="write last.npz (+ .json) here after every epoch")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint already in --checkpoint-dir (without it, refused)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args):
     from .train import train_small_cnn
+    if args.resume and args.checkpoint_dir is None:
+        raise MecrefError("--resume needs --checkpoint-dir, the folder of the run to continue")
     result = train_small_cnn(
         quantizer=args.quantizer, w_bits=args.w_bits, a_bits=args.a_bits,
         first_last_bits=args.first_last_bits, reg=None if args.reg == "none" else args.reg,
@@ -83,7 +89,8 @@ def _run_train(args):
         data_dir=args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
         seed=args.seed, backend=args.backend, init_from=args.init_from,
         pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr, reg_at=args.reg_at,
-        progress=not args.quiet, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+        progress=not args.quiet, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+        overwrite=args.overwrite)
     print(result.summary())
     c = result.config
     name = "FP32" if c["quantizer"] == "fp32" else f"W{c['w_bits']}A{c['a_bits']} {c['quantizer']}"
@@ -130,6 +137,10 @@ def _add_grid_common(p, seeds):
 
 
 def _grid_common(args) -> dict:
+    if len(set(args.seeds)) != len(args.seeds):
+        raise MecrefError(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}")
+    if getattr(args, "workers", 1) < 1:
+        raise MecrefError(f"--workers must be at least 1, got {args.workers}")
     names = ("dataset", "data_dir", "backend", "batch_size", "lr", "train_limit", "width",
              "pretrain_epochs", "pretrain_lr")
     common = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
@@ -350,12 +361,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a batch system's stop) ends a command as Ctrl-C does: checkpoint
+    writes are abandoned cleanly, grid workers stopped, one line and exit status 130."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _sigterm_as_interrupt()
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args):
     try:
         return args.func(args)
     except (MecrefError, TypeError) as exc:
+        print(f"mecref: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:       # a full disk, a read-only folder, ...: one line, no traceback
         print(f"mecref: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -230,9 +230,11 @@ def collect_features(model, x_uint8, y, batch_size: int = 500):
 # ----------------------------------------------------------------------------------------------
 
 def _save(fig, path):
+    from .checkpoint import write_atomic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # a new file renamed over the path: a symlink there is replaced, never written through
+    write_atomic(path, lambda fh: fig.savefig(fh, dpi=120, format=path.suffix[1:] or "png"))
     return path
 
 
@@ -401,5 +403,7 @@ def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, wor
     plot_diagnostics(table, out / "diagnostics.png")
     result = dict(table=table, spectra=spectra, n_samples=int(len(x)), diag_eps=diag_eps,
                   seed=seed, dataset=ds.name, settings=settings)
-    (out / "diagnostics.json").write_text(json.dumps(result, indent=1))
+    from .checkpoint import write_atomic
+    text = json.dumps(result, indent=1).encode("utf-8")
+    write_atomic(out / "diagnostics.json", lambda fh: fh.write(text))
     return result

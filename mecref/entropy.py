@@ -56,6 +56,11 @@ class ConvergenceWarning(UserWarning):
     """The Taylor series of logdet(I + C) diverges: the spectral radius of C is >= 1."""
 
 
+class _NotPositiveDefinite(Exception):
+    """I + a X X^T lost its positive definiteness to rounding (turned into MecrefError by the
+    public functions, which know eps)."""
+
+
 # ----------------------------------------------------------------------------- linear algebra
 def _add_identity(G):
     """G + I in place for a square, C-contiguous G."""
@@ -71,12 +76,19 @@ def _chol_logdet(G):
     xp = array_module(G)
     if xp is np:
         # G is symmetric, so G.T is the same matrix in Fortran order: factored in place
-        fac, _ = scipy.linalg.cho_factor(G.T, lower=True, overwrite_a=True, check_finite=False)
+        try:
+            fac, _ = scipy.linalg.cho_factor(G.T, lower=True, overwrite_a=True,
+                                             check_finite=False)
+        except np.linalg.LinAlgError as e:
+            raise _NotPositiveDefinite(str(e)) from None
         return fac, 2.0 * np.log(np.diagonal(fac)).sum()
     # CuPy reads cuSOLVER's status (one host sync) and raises only in "raise" mode; without
     # it a G that is not positive definite gives a NaN or wrong log det instead of an error
-    with cupyx_module().errstate(linalg="raise"):
-        L = xp.linalg.cholesky(G)
+    try:
+        with cupyx_module().errstate(linalg="raise"):
+            L = xp.linalg.cholesky(G)
+    except np.linalg.LinAlgError as e:
+        raise _NotPositiveDefinite(str(e)) from None
     return L, 2.0 * xp.log(xp.diagonal(L)).sum()
 
 
@@ -100,8 +112,11 @@ def _chol_logdets(Gs):
     xp = array_module(Gs[0])
     if xp is np or len(Gs) == 1 or len({tuple(G.shape) for G in Gs}) > 1:
         return [_chol_logdet(G) for G in Gs]
-    with cupyx_module().errstate(linalg="raise"):
-        L = xp.linalg.cholesky(xp.stack(Gs))
+    try:
+        with cupyx_module().errstate(linalg="raise"):
+            L = xp.linalg.cholesky(xp.stack(Gs))
+    except np.linalg.LinAlgError as e:
+        raise _NotPositiveDefinite(str(e)) from None
     logdets = 2.0 * xp.log(xp.diagonal(L, axis1=1, axis2=2)).sum(axis=1)
     return [(L[k], logdets[k]) for k in range(len(Gs))]
 
@@ -158,6 +173,37 @@ def _lu_solve(fac, B, trans=False):
 
 
 # ----------------------------------------------------------------------------- rows
+def _check_rows(name, Z):
+    """A finite (m, d) float32 or float64 array: float16 cannot hold lam |z|^2 nor a
+    log-determinant of a few hundred rows (it gives NaN), so it is refused."""
+    check_array(name, Z, ndim=2)
+    if Z.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {Z.dtype} (too few bits for "
+                        f"the log-determinant): cast it with {name}.astype(np.float32)")
+    return Z
+
+
+def _pd_error(eps, lam, dtype):
+    return MecrefError(
+        f"I + lam Z Z^T is not positive definite in {np.dtype(dtype).name} at eps = {eps!r} "
+        f"(lam = d / (m eps^2) = {lam:.4g}): rounding swamps the identity when the rows are "
+        f"(nearly) rank-deficient and lam is this large; use a larger eps, or float64 rows")
+
+
+def _check_unnormalized(name, Z, lam):
+    """With normalize=False, lam |z_i|^2 bounds the entries of lam Z Z^T: it must be finite
+    (a host read, skipped inside a training step)."""
+    if not values_checked():
+        return
+    xp = array_module(Z)
+    top = float(to_host(xp.abs(Z).max()))
+    bound = lam * top * top * Z.shape[1]     # >= lam |z_i|^2 (a float: inf on overflow)
+    if not bound < float(np.finfo(Z.dtype).max):
+        raise MecrefError(f"{name} has entries up to {top:.4g}: with normalize=False, lam |z|^2 "
+                          f"(lam = {lam:.4g}) overflows {Z.dtype}; rescale {name}, or use "
+                          f"normalize=True")
+
+
 def _check_eps(eps, m, d, dtype):
     """eps > 0 such that lam = d / (m eps^2) is a finite positive number in ``dtype``."""
     eps = check_positive("eps", eps)
@@ -176,14 +222,29 @@ def _check_flag(name, value):
 
 
 def _unit_rows(U, name):
-    """Row norms r (m,) and unit rows U / r; a zero row is an error (E2)."""
+    """Row norms r (m,) and unit rows U / r; a zero row is an error (E2).
+
+    When a squared norm would overflow or lose digits to underflow (|u| beyond about
+    sqrt(tiny) 2^26 .. sqrt(max)), each row is first divided by its largest |entry| a_i, and
+    ``r_i = a_i |u_i / a_i|`` (the same unit rows; r may then overflow to inf, which sends the
+    gradient through the norm to 0, its rounded value)."""
     xp = array_module(U)
     r = xp.sqrt(row_dot(U, U))
-    if values_checked() and not bool(xp.all(r > 0)):
-        i = int(xp.argmin(r))
+    if not values_checked():                # inside a training step: no host read
+        return U / r[:, None], r
+    if bool(xp.all(xp.isfinite(r) & (r >= math.sqrt(np.finfo(U.dtype).tiny) * 2.0 ** 26))):
+        return U / r[:, None], r
+    a = xp.abs(U).max(axis=1)
+    if not bool(xp.all(a > 0)):
+        i = int(xp.argmin(a))
         raise MecrefError(f"{name} has a zero row (row {i}), which cannot be l2-normalised: "
                           f"give rows with non-zero norm, or normalize=False")
-    return U / r[:, None], r
+    V = U / a[:, None]
+    n = xp.sqrt(row_dot(V, V))
+    V /= n[:, None]
+    with np.errstate(over="ignore"):
+        r = a * n
+    return V, r
 
 
 def _unit_rows_backward(Z, r, dZ):
@@ -218,13 +279,20 @@ def coding_length(Z, eps, normalize=True):
     L : 0-d scalar of Z's backend and dtype
     cache : tuple for :func:`coding_length_backward`
     """
-    check_array("Z", Z, ndim=2)
+    _check_rows("Z", Z)
     eps = _check_eps(eps, *Z.shape, Z.dtype)
-    Zc, r = _unit_rows(Z, "Z") if _check_flag("normalize", normalize) else (Z, None)
     m, d = Z.shape
     lam = d / (m * eps ** 2)
     mu = (m + d) / 2
-    fac, logdet = _gram_logdet(Zc, lam)
+    if _check_flag("normalize", normalize):
+        Zc, r = _unit_rows(Z, "Z")
+    else:
+        _check_unnormalized("Z", Z, lam)
+        Zc, r = Z, None
+    try:
+        fac, logdet = _gram_logdet(Zc, lam)
+    except _NotPositiveDefinite:
+        raise _pd_error(eps, lam, Z.dtype) from None
     return mu * logdet, (Zc, r, fac, lam, mu)
 
 
@@ -293,21 +361,26 @@ def mec_loss(Z1, Z2, eps, order=None, normalize=True, strict=False):
     MecrefError
         for bad arguments; for the exact form when ``det(I + C) <= 0`` (log undefined).
     """
-    check_array("Z1", Z1, ndim=2)
-    check_array("Z2", Z2, ndim=2)
+    _check_rows("Z1", Z1)
+    _check_rows("Z2", Z2)
     if Z2.shape != Z1.shape:
         raise MecrefError(f"Z2 must have the shape of Z1 {tuple(Z1.shape)}, got {tuple(Z2.shape)}")
+    if Z2.dtype != Z1.dtype:
+        raise TypeError(f"Z2 must have the dtype of Z1 ({Z1.dtype}), got {Z2.dtype}: cast one "
+                        f"view so that the gradients come back in one dtype")
     eps = _check_eps(eps, *Z1.shape, Z1.dtype)
     if order is not None:
         order = check_int("order", order, lo=1, hi=MAX_ORDER)
     strict = _check_flag("strict", strict)
-    if _check_flag("normalize", normalize):
-        (Z1c, r1), (Z2c, r2) = _unit_rows(Z1, "Z1"), _unit_rows(Z2, "Z2")
-    else:
-        Z1c, r1, Z2c, r2 = Z1, None, Z2, None
     m, d = Z1.shape
     lam = d / (m * eps ** 2)
     mu = (m + d) / 2
+    if _check_flag("normalize", normalize):
+        (Z1c, r1), (Z2c, r2) = _unit_rows(Z1, "Z1"), _unit_rows(Z2, "Z2")
+    else:
+        _check_unnormalized("Z1", Z1, lam)
+        _check_unnormalized("Z2", Z2, lam)
+        Z1c, r1, Z2c, r2 = Z1, None, Z2, None
     # the smaller side: C = lam Z1 Z2^T (m, m), or lam Z2^T Z1 (d, d): same traces of powers
     C = Z1c @ Z2c.T if m <= d else Z2c.T @ Z1c
     C *= lam
@@ -315,14 +388,29 @@ def mec_loss(Z1, Z2, eps, order=None, normalize=True, strict=False):
         M = _add_identity(C)
         fac, sign, logdet = _lu_logdet(M)
         if sign <= 0:
-            raise MecrefError(f"det(I + C) = det(I + lam Z1 Z2^T) is {'zero' if sign == 0 else 'negative'}"
-                              f" (eps={eps!r}, lam={lam:.4g}): its logarithm is undefined; the views are "
-                              "anti-aligned (C has a real eigenvalue <= -1); use a larger eps")
+            raise _det_error(Z1c, Z2c, lam, eps, sign)
         return -mu * logdet, ("exact", m <= d, r1, r2, Z1c, Z2c, fac, lam, mu)
     T, S, bound = _taylor(C, order)
     if bound >= 1.0:
         _check_convergence(C, order, eps, strict)
     return -mu * T, ("taylor", m <= d, r1, r2, Z1c, Z2c, S, lam, mu)
+
+
+def _det_error(Z1c, Z2c, lam, eps, sign):
+    """Why det(I + C) <= 0: recomputed in float64, a positive determinant means rounding in
+    the views' dtype (a large lam on rank-deficient views), else the views are anti-aligned."""
+    what = f"det(I + C) = det(I + lam Z1 Z2^T) is {'zero' if sign == 0 else 'negative'}"
+    where = f"eps = {eps!r}, lam = {lam:.4g}"
+    if Z1c.dtype != np.float64:
+        A = np.asarray(to_host(Z1c), dtype=np.float64)
+        B = np.asarray(to_host(Z2c), dtype=np.float64)
+        C = lam * (A @ B.T if A.shape[0] <= A.shape[1] else B.T @ A)
+        if np.linalg.slogdet(np.eye(C.shape[0]) + C)[0] > 0:
+            return MecrefError(f"{what} in {Z1c.dtype} ({where}) but positive in float64: rounding "
+                               f"swamps the identity at this eps on (nearly) rank-deficient views; "
+                               f"use a larger eps, or float64 views")
+    return MecrefError(f"{what} ({where}): its logarithm is undefined; the views are "
+                       "anti-aligned (C has a real eigenvalue <= -1); use a larger eps")
 
 
 def _taylor(C, n):
@@ -467,7 +555,7 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
     L : 0-d scalar of Z's backend and dtype
     cache : tuple for :func:`moe_coding_length_backward`
     """
-    check_array("Z", Z, ndim=2)
+    _check_rows("Z", Z)
     normalize = _check_flag("normalize", normalize)
     scale_grad = _check_flag("scale_grad", scale_grad)
     eps = _check_eps(eps, *Z.shape, Z.dtype)
@@ -498,6 +586,7 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
     if normalize:
         Zc, r = _unit_rows(Z, "Z")
     else:
+        _check_unnormalized("Z", Z, d / (m * eps ** 2))
         Zc, r = Z, xp.sqrt(row_dot(Z, Z))
     if gate == "norm":
         # stable, so ties keep the row order (CuPy's argsort is always stable and older
@@ -535,6 +624,20 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
                               f"d / (m_k eps_k^2) that are not finite positive {Z.dtype} numbers")
         scale_grad = False                   # given constants: nothing to differentiate
     c = (mk + d) / 2
+    try:
+        X, Kz, facs, logdets = _moe_factors(gate, Zc, pi, groups, a, K)
+    except _NotPositiveDefinite:
+        raise _pd_error(eps, float(to_host(a.max())), Z.dtype) from None
+    ell = xp.stack(logdets)                  # (K,) logdet(I_d + a_k Z^T Pi_k Z)
+    L = (c * ell).sum() - (mk * xp.log(mk / m)).sum()
+    return L, (gate, Zc, r, normalize, scale_grad, pi, groups, X, Kz, facs, ell, mk, R, rbar, a, c,
+               W_g, tau)
+
+
+def _moe_factors(gate, Zc, pi, groups, a, K):
+    """The experts' factors and log-determinants (E5), on the smaller side of each."""
+    xp = array_module(Zc)
+    m, d = Zc.shape
     X = Kz = None
     if gate == "norm":                       # expert k codes its own rows Z_k (m_k, d)
         X = [Zc[idx] for idx in groups]
@@ -547,10 +650,7 @@ def moe_coding_length(Z, eps, experts=1, gate="norm", W_g=None, tau=1.0, normali
         s = xp.sqrt(pi)
         facs, logdets = zip(*_chol_logdets([_add_identity(Kz * (a[k] * s[:, k:k + 1] * s[:, k]))
                                             for k in range(K)]))
-    ell = xp.stack(logdets)                  # (K,) logdet(I_d + a_k Z^T Pi_k Z)
-    L = (c * ell).sum() - (mk * xp.log(mk / m)).sum()
-    return L, (gate, Zc, r, normalize, scale_grad, pi, groups, X, Kz, facs, ell, mk, R, rbar, a, c,
-               W_g, tau)
+    return X, Kz, facs, logdets
 
 
 def moe_coding_length_backward(cache, dL=1.0):

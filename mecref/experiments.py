@@ -45,7 +45,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -289,7 +291,7 @@ def _run_in_order(jobs, out, records, report, progress):
 
 def _record_grid(path: Path, configs):
     """Keep ``grid.json``: every configuration ever run in this folder, first-run order."""
-    known = json.loads(path.read_text())["configs"] if path.is_file() else []
+    known = _read_grid(path)
     seen = {group_key(c) for c in known}
     for c in configs:
         full = dict(cell_config(c, 0), seed=None)
@@ -305,7 +307,7 @@ def _run_parallel(jobs, out, workers, records, report):
     waiting = list(jobs)
     with _worker_environment(), ProcessPoolExecutor(
             max_workers=workers, mp_context=get_context("spawn"),
-            initializer=_init_worker) as pool:
+            initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         pending = {}
 
         def submit_ready():
@@ -339,9 +341,8 @@ def _run_parallel(jobs, out, workers, records, report):
                 "the `mecref` command, pytest or a notebook, not code read from stdin "
                 "(`python -`); a worker can also be killed for lack of memory. Run with "
                 "workers=1 to see the error in this process") from exc
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
+        except BaseException:   # Ctrl-C, SIGTERM (as KeyboardInterrupt in the CLI), an error
+            _stop_workers(pool)
             raise
 
 
@@ -359,8 +360,36 @@ def _worker_environment():
         os.environ.update(saved)
 
 
-def _init_worker():
-    """Worker start-up: also cap BLAS/OpenMP pools with threadpoolctl where it is installed."""
+def _stop_workers(pool):
+    """Stop a pool at once: queued cells are cancelled and running ones dropped (their
+    checkpoints stay; finished cells are already cached), instead of waiting for them."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+
+
+def _watch_parent(parent_pid, interval=0.2):
+    """Exit this worker as soon as the process that started it is gone (killed, even with
+    SIGKILL): the worker is then re-parented and its parent pid changes."""
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _init_worker(parent_pid=None):
+    """Worker start-up: Ctrl-C is left to the runner (which stops the workers), a watcher
+    thread ends the worker if its runner dies, and BLAS/OpenMP pools are capped with
+    threadpoolctl where it is installed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -500,15 +529,46 @@ class _GridProgress:
 # Summaries and writers
 # ----------------------------------------------------------------------------------------------
 
+_RECORD_FIELDS = {"config": dict, "group": str, "label": str, "bits": str, "seed": int,
+                  "status": str}
+
+
 def load_runs(out_dir) -> list:
-    """Every cached run record under ``out_dir/runs`` (unreadable files are skipped)."""
+    """Every cached run record under ``out_dir/runs``; a file that is unreadable, or not a
+    record (a JSON object with ``_RECORD_FIELDS`` of their types), is skipped with a warning
+    naming it."""
+    import warnings
     runs = []
     for path in sorted(Path(out_dir, "runs").glob("*.json")):
         try:
-            runs.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
+            rec = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            warnings.warn(f"skipping unreadable run file {str(path)!r} ({exc})", stacklevel=2)
             continue
+        bad = ([] if isinstance(rec, dict) else ["a JSON object"]) or [
+            f"{k} ({t.__name__})" for k, t in _RECORD_FIELDS.items()
+            if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
+        if bad:
+            warnings.warn(f"skipping run file {str(path)!r}: not a run record (expected "
+                          f"{', '.join(bad)})", stacklevel=2)
+            continue
+        runs.append(rec)
     return runs
+
+
+def _read_grid(path: Path) -> list:
+    """The configurations listed in ``grid.json`` ([] when there is none); an unreadable or
+    malformed one is refused naming the file (it is the folder's record of what was run)."""
+    if not path.is_file():
+        return []
+    try:
+        configs = json.loads(path.read_text())["configs"]
+        if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+            raise TypeError("configs is not a list of objects")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise MecrefError(f"{str(path)!r} is unreadable or malformed ({type(exc).__name__}: "
+                          f"{exc}); restore it, or remove it to start its list again") from None
+    return configs
 
 
 _ROW_FIELDS = ("quantizer", "w_bits", "a_bits", "first_last_bits", "reg", "reg_weight", "eps",
@@ -542,10 +602,7 @@ def summarize(out_dir, configs=None) -> list:
     if configs is not None:
         order = [group_key(cell_config(c, 0)) for c in configs]
     else:
-        grid = Path(out_dir, "grid.json")
-        order = []
-        if grid.is_file():
-            order = [group_key(c) for c in json.loads(grid.read_text())["configs"]]
+        order = [group_key(c) for c in _read_grid(Path(out_dir, "grid.json"))]
         order += sorted((g for g in groups if g not in order),
                         key=lambda g: (groups[g][0]["bits"], groups[g][0]["label"]))
     return [_row(groups[g]) for g in order if g in groups]
@@ -899,8 +956,14 @@ def best_settings(rows, metric: str = "val_acc_mean") -> dict:
 def settings_from_sweep(sweep_dir, settings=None) -> dict:
     """:func:`best_settings` of a sweep folder, with the entries of ``settings`` (if any)
     taking precedence, key by key within each form."""
+    if not Path(sweep_dir, "runs").is_dir():
+        raise MecrefError(f"sweep_dir {str(sweep_dir)!r} holds no sweep (no runs/ folder): give "
+                          f"the --out folder of `mecref sweep`")
     best = best_settings(summarize(sweep_dir))
     for form, values in (settings or {}).items():
+        if not isinstance(values, dict):
+            raise MecrefError(f"settings[{form!r}] must be an object of TrainConfig fields "
+                              f"(e.g. {{\"eps\": 0.5}}), got {values!r}")
         best[form] = dict(best.get(form, {}), **values)
     return best
 
@@ -1022,6 +1085,9 @@ def model_from_checkpoint(path, backend: str = "numpy"):
     from . import nn
     from .checkpoint import load_checkpoint
     state, _, meta = load_checkpoint(path)
+    if not isinstance(meta.get("model_config"), dict):
+        raise MecrefError(f"checkpoint {str(path)!r} has no model_config: not a training "
+                          f"checkpoint")
     model = nn.small_cnn(**dict(meta["model_config"], backend=backend))
     model.load_state_dict(state)
     return model, meta

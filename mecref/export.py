@@ -45,7 +45,7 @@ import numpy as np
 
 from . import nn, quant
 from .backend import MecrefError, array_module, backend_name, to_backend, to_host
-from .checkpoint import _verify_zip, write_atomic
+from .checkpoint import CheckpointError, _verify_zip, write_atomic
 from .data import PIXEL_MEAN, PIXEL_STD, normalize
 from .validate import check_int
 from .onnx_export import to_onnx  # noqa: F401  (ONNX in QDQ form: mecref.onnx_export)
@@ -63,6 +63,7 @@ _META = "__graph__"
 LOGIT_FRAC_BITS = 8          # logits carry 8 fractional bits below the coarsest accumulator step
 _ACC_LIMIT = 2 ** 31         # int32 accumulators
 _REQ_LIMIT = 2 ** 62         # int64 requantisation, one bit of headroom for the rounding add
+_INT_BUDGET = 256 << 20      # bytes an integer model's arrays may declare in all
 _OPS = ("lut", "conv2d", "linear", "requant", "maxpool2d", "requant_gap")
 
 
@@ -640,9 +641,11 @@ def load_int_model(path) -> IntModel:
     if not path.is_file():
         raise ExportError(f"integer model {str(path)!r} does not exist")
     try:
-        _verify_zip(path)                     # every member read whole: CRC-32 and names
+        _verify_zip(path, _INT_BUDGET, names=False)   # sizes bounded, then CRC-32 and names
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except CheckpointError as exc:
+        raise ExportError(str(exc).replace("checkpoint", "integer model", 1)) from None
     except Exception as exc:  # zipfile, numpy's header parser, ...: any failure here is corruption
         raise ExportError(f"integer model {str(path)!r} is truncated or corrupt "
                           f"({type(exc).__name__}: {exc})") from None
@@ -694,10 +697,11 @@ def _check_int_model(imodel, what):
                 bad(f"node {i} ({node['op']}): {key} {node.get(key)!r} is missing or not an integer array")
         if node["op"] in ("requant", "requant_gap"):
             n = imodel.arrays[node["shift"]]
-            F = len(imodel.arrays[node["multiplier"]])
-            if n.shape != (F,) or n.min() < 1 or n.max() > 62:
+            Mk = imodel.arrays[node["multiplier"]]
+            F = Mk.shape[0] if Mk.ndim == 1 else 0
+            if F < 1 or n.shape != (F,) or n.min() < 1 or n.max() > 62:
                 bad(f"node {i}: shift must be ({F},) in 1..62")
-            if imodel.arrays[node["offset"]].shape[0] != F:
+            if imodel.arrays[node["offset"]].shape[:1] != (F,):
                 bad(f"node {i}: offset must have {F} rows")
             if node.get("dtype") not in ("uint8", "int8", "int16", "int32", "int64"):
                 bad(f"node {i}: dtype must name an integer type, got {node.get('dtype')!r}")
@@ -714,12 +718,58 @@ def _check_int_model(imodel, what):
         defined.add(node.get("output"))
     if imodel.graph[-1].get("output") not in imodel.tensors:
         bad("the last node's output is not described in tensors")
+    _check_int_flow(imodel, bad)
+
+
+def _check_int_flow(imodel, bad):
+    """Channel counts along the graph (1 image channel; each conv's and linear's input
+    channels those of the tensor it reads; each requant one row per channel, shifts not
+    empty, offsets at least 1-d), kernels and padding that fit the input, requant codes within
+    their dtype, and |M| < 2^31, |C| < 2^62 so that M acc + C never wraps in int64 (X4)."""
+    ch = {"image": 1}
+    for i, node in enumerate(imodel.graph):
+        op, c = node["op"], ch.get(node["input"])
+        A = {k: imodel.arrays[node[k]] for k in _NODE_ARRAYS[op]}
+        if op in ("conv2d", "linear"):
+            w = A["weight"]
+            if w.ndim != (4 if op == "conv2d" else 2) or w.shape[0] < 1 or w.shape[1] != c:
+                bad(f"node {i} ({op}): weight of shape {w.shape} must read {c} input channels "
+                    f"with at least one filter")
+            if op == "conv2d" and not (w.shape[2] == w.shape[3] <= 64 and node["padding"] < w.shape[2]):
+                bad(f"node {i} (conv2d): kernel {w.shape[2:]} must be square, at most 64, with "
+                    f"padding ({node['padding']}) smaller than it")
+            c = w.shape[0]
+        if op in ("requant", "requant_gap"):
+            F = len(A["multiplier"]) if A["multiplier"].ndim == 1 else -1
+            if F != c or A["shift"].size == 0 or A["offset"].ndim < 1:
+                bad(f"node {i} ({op}): multiplier, shift and offset need one row per channel "
+                    f"({c}), got shapes {A['multiplier'].shape}, {A['shift'].shape}, "
+                    f"{A['offset'].shape}")
+            if np.abs(A["multiplier"].astype(np.float64)).max() >= 2.0 ** 31 or any(
+                    np.abs(A[k].astype(np.float64)).max(initial=0) >= 2.0 ** 62
+                    for k in ("offset", "post_offset") if k in A):
+                bad(f"node {i} ({op}): |multiplier| must be < 2^31 and |offset| < 2^62 (int64 "
+                    f"arithmetic would wrap)")
+            info = np.iinfo(node["dtype"])
+            lims = (node.get("qmin"), node.get("qmax"))
+            if lims == (None, None) and node["dtype"] != "int64":
+                bad(f"node {i} ({op}): qmin, qmax may be null only for int64 output, got "
+                    f"dtype {node['dtype']}")
+            if lims != (None, None) and not (info.min <= lims[0] and lims[1] <= info.max):
+                bad(f"node {i} ({op}): qmin, qmax {lims} must lie within {node['dtype']} "
+                    f"[{info.min}, {info.max}]")
+        ch[node["output"]] = c
 
 
 # ============================================================================ users
 def export_checkpoint(checkpoint, out) -> tuple:
     """Export a training checkpoint (``last.npz`` of :func:`mecref.train.train_small_cnn`) to an
-    integer model file; returns ``(IntModel, Path)``."""
+    integer model file; returns ``(IntModel, Path)``. Writing over the checkpoint itself is
+    refused."""
+    if (isinstance(checkpoint, (str, os.PathLike)) and isinstance(out, (str, os.PathLike))
+            and Path(out).resolve() == Path(checkpoint).resolve()):
+        raise ExportError(f"out {str(out)!r} is the checkpoint being exported: give another "
+                          f"file name")
     model = _model_from_checkpoint(checkpoint)
     imodel = export_int_model(model)
     return imodel, save_int_model(imodel, out)

@@ -861,13 +861,28 @@ class _Container:
                 for key in d:
                     yield f"{lname}.{key}", d, key
 
+    def _value_rules(self):
+        """``{name: (test, what)}``: the values an entry must hold besides being finite: a
+        quantizer step or clip level > 0, a BatchNorm running variance >= 0, a ``ready`` flag
+        0 or 1."""
+        rules = {}
+        for lname, layer in zip(self.names, self.layers):
+            for key in layer.positive:
+                rules[f"{lname}.{key}"] = (lambda v: v > 0, "> 0 (a quantizer step or clip level)")
+            if "running_var" in layer.buffers:
+                rules[f"{lname}.running_var"] = (lambda v: v >= 0, ">= 0 (a variance)")
+            if "ready" in layer.buffers:
+                rules[f"{lname}.ready"] = (lambda v: (v == 0) | (v == 1), "0 or 1 (a flag)")
+        return rules
+
     def state_dict(self):
         """Host copies of every param and buffer: ``{"<layer>.<key>": np.ndarray}``."""
         return {name: np.array(to_host(d[key]), copy=True) for name, d, key in self._entries()}
 
     def load_state_dict(self, state):
         """Copy a :meth:`state_dict` in, in place; refuses (MecrefError, nothing loaded) on
-        missing or extra keys, shape mismatches or non-finite values."""
+        missing or extra keys, shape mismatches, non-floating dtypes, non-finite values, and
+        values outside :meth:`_value_rules` (a step <= 0, a negative variance, ...)."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
         entries = {name: (d, key) for name, d, key in self._entries()}
@@ -876,14 +891,24 @@ class _Container:
         if missing or extra:
             raise MecrefError(f"state dict does not match the model: missing keys {missing}, "
                               f"unexpected keys {extra}")
+        rules = self._value_rules()
         for name, (d, key) in entries.items():
             v = state[name]
             if not hasattr(v, "shape") or tuple(v.shape) != tuple(d[key].shape):
                 raise MecrefError(f"state dict entry {name!r} has shape "
                                   f"{tuple(getattr(v, 'shape', ()))}, the model expects "
                                   f"{tuple(d[key].shape)}")
-            if not np.isfinite(np.asarray(to_host(v), dtype=np.float64)).all():
+            if not np.issubdtype(np.dtype(v.dtype), np.floating):
+                raise MecrefError(f"state dict entry {name!r} has dtype {v.dtype}, the model "
+                                  f"expects a floating array ({d[key].dtype})")
+            host = np.asarray(to_host(v), dtype=np.float64)
+            if not np.isfinite(host).all():
                 raise MecrefError(f"state dict entry {name!r} has NaN or inf values")
+            test, what = rules.get(name, (None, None))
+            if test is not None and not test(host).all():
+                bad = host[~test(host)].ravel()
+                raise MecrefError(f"state dict entry {name!r} must be {what}, got "
+                                  f"{bad.size} value(s) that are not, e.g. {bad[0]!r}")
         for name, (d, key) in entries.items():
             xp = array_module(d[key])
             d[key][...] = xp.asarray(state[name], dtype=d[key].dtype)

@@ -120,7 +120,9 @@ def _check_param(name, p, x, positive=True):
         v = check_positive(name, p) if positive else float(p)
         if not math.isfinite(v):
             raise MecrefError(f"{name} must be finite, got {p!r}")
-        return xp.asarray(v, dtype=x.dtype)
+        with np.errstate(over="ignore"):
+            c = np.asarray(v, dtype=x.dtype)     # checked on the host: no device read
+        return xp.asarray(_check_cast(name, c, p, positive))
     if not hasattr(p, "shape"):
         raise TypeError(f"{name} must be a real number or a numpy/cupy array, "
                         f"got {type(p).__name__}")
@@ -135,7 +137,28 @@ def _check_param(name, p, x, positive=True):
                           f"{tuple(x.shape)} without enlarging it (e.g. () or (C, 1, ..., 1))")
     if positive and values_checked() and not bool((p > 0).all()):
         raise MecrefError(f"{name} must be > 0 everywhere, got min {float(p.min())!r}")
-    return p.astype(x.dtype, copy=False)
+    with np.errstate(over="ignore"):
+        c = p.astype(x.dtype, copy=False)
+    return _check_cast(name, c, p, positive) if values_checked() else c
+
+
+def _check_cast(name, c, p, positive):
+    """The parameter as x's dtype must still be finite, and a positive one (a step or a clip
+    level, divided by) at least the dtype's smallest normal number: 1e-300 rounds to 0 in
+    float32 and 1e300 overflows, and either would make x / s or s * code inf or NaN."""
+    xp = array_module(c)
+    info = np.finfo(c.dtype)
+    bad = ~xp.isfinite(c)
+    if positive:
+        bad |= c < info.tiny
+    if bool(bad.any()):
+        given = (repr(p) if isinstance(p, numbers.Real)
+                 else f"an array with min {float(p.min())!r}, max {float(p.max())!r}")
+        lo = float(info.tiny) if positive else -float(info.max)
+        raise MecrefError(f"{name} must lie in [{lo:.3g}, {float(info.max):.3g}] to be usable "
+                          f"in x's dtype {c.dtype}, got {given} (it rounds to 0, a subnormal "
+                          f"or inf there)")
+    return c
 
 
 def _check_grad_scale(grad_scale):

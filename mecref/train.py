@@ -31,7 +31,7 @@ from . import data as mdata
 from . import losses, nn, optim, regularizers, schemes
 from .backend import (MecrefError, array_module, backend_name, get_xp,
                       scipy_blas_single_thread, to_backend, to_host)
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, run_folder, save_checkpoint
 from .validate import check_bits, check_choice, check_int, check_positive, values_trusted
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "train_small_cnn",
@@ -124,6 +124,9 @@ class TrainConfig:
             raise MecrefError(f"momentum must be in [0, 1), got {self.momentum!r}")
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if isinstance(self.epochs, int) and self.warmup_epochs > self.epochs:
+            raise MecrefError(f"warmup_epochs ({self.warmup_epochs!r}) must be at most epochs "
+                              f"({self.epochs}): the learning rate would never reach lr")
         check_int("val_size", self.val_size, 0)
         check_choice("dataset", self.dataset, ("bundled", "fashion-mnist", "idx"))
         for name in ("data_dir", "init_from"):
@@ -191,25 +194,34 @@ class TrainResult:
 
 
 def train_small_cnn(config: TrainConfig | None = None, *, progress=True, checkpoint_dir=None,
-                    resume=False, dataset: "mdata.Dataset | None" = None, **overrides) -> TrainResult:
+                    resume=False, overwrite=False, dataset: "mdata.Dataset | None" = None,
+                    **overrides) -> TrainResult:
     """Train the small CNN with quantization-aware training and an entropy regulariser.
 
     ``train_small_cnn(w_bits=2, a_bits=2, quantizer="lsq", reg="mec")``; any
     :class:`TrainConfig` field can be passed by name. With ``checkpoint_dir`` a checkpoint is
     written atomically after every epoch (``last.npz``); with ``resume=True`` a run picks up
-    from it and ends with the same parameters as an uninterrupted run (NumPy backend).
+    from it and ends with the same parameters as an uninterrupted run (NumPy backend). The
+    folder is held for the run (:func:`mecref.checkpoint.run_folder`): checked writable first,
+    locked against a second run, and a checkpoint already there is refused without ``resume``
+    unless ``overwrite``.
 
     Returns
     -------
     TrainResult
     """
-    with scipy_blas_single_thread():  # see mecref.backend: avoids the two-OpenBLAS stall
+    if resume and checkpoint_dir is None:
+        raise MecrefError("resume=True needs checkpoint_dir, the folder of the run to continue")
+    with scipy_blas_single_thread(), run_folder(checkpoint_dir, resume, overwrite):
         return _train(config, progress, checkpoint_dir, resume, dataset, overrides)
 
 
 def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> TrainResult:
     if config is None:
         config = TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig (or give its fields by name: "
+                        f"train_small_cnn(**{{...}})), got {type(config).__name__}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"train_small_cnn got unknown arguments {sorted(unknown)}")
@@ -255,6 +267,7 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
         m_state, o_state, meta = load_checkpoint(ckpt_path, expect_config=run_meta,
                                                  keys=("config", "model_config"))
         _check_progress(meta, ckpt_path, cfg.epochs, steps_per_epoch)
+        _check_ready(m_state, ckpt_path)
         try:  # each load checks everything before it copies anything in
             model.load_state_dict(m_state)
             opt.load_state_dict(o_state)
@@ -481,6 +494,16 @@ def _check_progress(meta, path, epochs, steps_per_epoch):
                               f"history rows) for a run of {epochs} epochs of {steps_per_epoch} steps")
 
 
+def _check_ready(m_state, path):
+    """A checkpoint is written after an epoch, when every quantizer has initialised itself
+    (``ready`` = 1); a 0 would make the next forward re-initialise the trained steps."""
+    unready = sorted(k for k, v in m_state.items() if k.endswith(".ready") and not np.all(v == 1))
+    if unready:
+        raise CheckpointError(f"checkpoint {str(path)!r} has {unready[0]} = "
+                              f"{float(np.ravel(m_state[unready[0]])[0])!r}, expected 1 after an "
+                              f"epoch of training")
+
+
 def evaluate(model, x_uint8, y, batch_size: int = 1000) -> float:
     """Test accuracy of a model (eval mode) on uint8 images (N, H, W) and integer labels, on
     the host or on the model's backend (then nothing is copied); one read of the device."""
@@ -505,6 +528,9 @@ def _load_fp_weights(model, path):
     """Start QAT from an FP32 checkpoint: copy every entry both models share (weights,
     biases, BatchNorm); quantizer parameters keep their data-driven initialisation."""
     fp_state, _, meta = load_checkpoint(path)
+    if not isinstance(meta.get("model_config"), dict) or "width" not in meta["model_config"]:
+        raise CheckpointError(f"init_from {str(path)!r} has no model_config with a width: not "
+                              f"a training checkpoint")
     if meta["model_config"]["width"] != model.config["width"]:
         raise CheckpointError(f"init_from {str(path)!r}: width {meta['model_config']['width']} "
                               f"differs from this model's {model.config['width']}")
@@ -513,6 +539,11 @@ def _load_fp_weights(model, path):
 
 def _copy_fp_weights(model, fp_state, source):
     own = model.state_dict()
+    fp_keys = nn.small_cnn(width=model.config["width"], num_classes=model.config["num_classes"],
+                           backend="numpy").state_dict()
+    absent = sorted(k for k in fp_keys if k in own and k not in fp_state)
+    if absent:   # a layer would silently keep its random initialisation
+        raise CheckpointError(f"{source} lacks arrays this model needs: {absent[:5]}")
     shared = {k: v for k, v in fp_state.items() if k in own}
     missing = [k for k in fp_state if k not in own]
     if missing or not shared:

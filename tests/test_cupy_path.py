@@ -158,15 +158,15 @@ def test_gpu_notebook_cells_run_on_the_device(fake_cupy, monkeypatch):
 Z_NOT_PD = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [0, 1, 0, 1]], np.float32)
 
 
-def test_gram_matrix_not_positive_definite_raises_as_on_numpy(backend):
+def test_gram_matrix_not_positive_definite_raises_naming_eps(backend):
     """CuPy's Cholesky does not raise by default (the stand-in imitates it: NaN instead); the
-    entropy terms must raise numpy.linalg.LinAlgError on both backends."""
-    from mecref.backend import to_backend
+    entropy terms must raise mecref's error naming eps on both backends, as on NumPy."""
+    from mecref.backend import MecrefError, to_backend
     from mecref.entropy import coding_length, moe_coding_length
     Z = to_backend(Z_NOT_PD, backend)
-    with pytest.raises(np.linalg.LinAlgError):
+    with pytest.raises(MecrefError, match=r"not positive definite .* at eps = 1e-15"):
         coding_length(Z, 1e-15)
-    with pytest.raises(np.linalg.LinAlgError):
+    with pytest.raises(MecrefError, match=r"not positive definite .* at eps = 1e-15"):
         moe_coding_length(Z, 1e-15, experts=1)
 
 

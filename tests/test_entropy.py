@@ -673,3 +673,65 @@ BAD = [
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- extreme scales
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_normalised_rows_are_scale_free_at_extreme_scales(scale, rng):
+    """Rows are l2-normalised, so Z * scale codes exactly like Z even when |u|^2 overflows or
+    underflows the dtype; the gradient through the norm scales as 1/scale (E2)."""
+    Z = rng.standard_normal((16, 8))
+    ref, cache = coding_length(Z, 0.5)
+    got, cache_s = coding_length(Z * scale, 0.5)
+    assert got == pytest.approx(float(ref), rel=1e-12)
+    ref1, _ = mec_loss(Z, Z + 0.1 * rng.standard_normal(Z.shape), 0.5)
+    Z32 = Z.astype(np.float32)
+    ref32, _ = mec_loss(Z32, 1.01 * Z32, 0.5)
+    got32, _ = mec_loss(Z32 * np.float32(1e25), Z32 * np.float32(1.01e25), 0.5)
+    assert float(got32) == pytest.approx(float(ref32), rel=1e-5) and float(got32) < 0
+    if scale == 1e-200:   # the gradient, 1/scale times that of Z, is representable here
+        dZ = coding_length_backward(cache)
+        dZs = coding_length_backward(cache_s)
+        np.testing.assert_allclose(dZs * scale, dZ, rtol=1e-10, atol=1e-12)
+
+
+def test_unnormalised_overflow_is_refused_naming_the_view(rng):
+    Z = rng.standard_normal((16, 8))
+    with pytest.raises(MecrefError, match=r"^Z has entries up to .* normalize=False.*overflows float64"):
+        coding_length(Z * 1e200, 0.5, normalize=False)
+    Z32 = Z.astype(np.float32) * np.float32(1e25)
+    with pytest.raises(MecrefError, match=r"^Z1 has entries up to .*overflows float32"):
+        mec_loss(Z32, Z32, 0.5, normalize=False)
+    with pytest.raises(MecrefError, match=r"^Z has entries up to"):
+        moe_coding_length(Z * 1e200, 0.5, experts=2, normalize=False)
+
+
+def test_half_precision_is_refused(rng):
+    """float16 gave NaN from moe_coding_length on (256, 64) rows: refused with the cast to use."""
+    Zh = rng.standard_normal((256, 64)).astype(np.float16)
+    for call in (lambda: moe_coding_length(Zh, 0.5), lambda: coding_length(Zh, 0.5),
+                 lambda: mec_loss(Zh, Zh, 0.5)):
+        with pytest.raises(TypeError, match=r"must be float32 or float64, got float16.*astype"):
+            call()
+
+
+def test_mixed_view_dtypes_are_refused(rng):
+    Z = rng.standard_normal((16, 8))
+    with pytest.raises(TypeError, match=r"^Z2 must have the dtype of Z1 \(float32\), got float64"):
+        mec_loss(Z.astype(np.float32), Z, 0.5)
+
+
+def test_tiny_eps_on_rank_deficient_float32_names_eps(rng):
+    """Rank-4 rows at eps = 1e-4 in float32: I + lam Z Z^T loses its identity to rounding.
+    Cholesky's LinAlgError and the 'anti-aligned' verdict on identical views become one
+    message naming eps and the remedies; float64 computes the same input."""
+    Z = rng.standard_normal((64, 4)) @ rng.standard_normal((4, 32))
+    Z32 = Z.astype(np.float32)
+    with pytest.raises(MecrefError, match=r"not positive definite in float32 at eps = 0\.0001.*larger eps"):
+        coding_length(Z32, 1e-4)
+    with pytest.raises(MecrefError, match=r"not positive definite in float32 at eps = 0\.0001"):
+        moe_coding_length(Z32, 1e-4)
+    with pytest.raises(MecrefError, match=r"negative in float32 \(eps = 0\.0001.*positive in float64.*larger eps"):
+        mec_loss(Z32, Z32.copy(), 1e-4)
+    assert np.isfinite(float(coding_length(Z, 1e-4)[0]))
+    assert np.isfinite(float(mec_loss(Z, Z.copy(), 1e-4)[0]))

@@ -779,3 +779,28 @@ def test_restricted_range_differs_only_below_minus_qp(rng):
             else:
                 np.testing.assert_array_equal(dxr, 0.0)
                 assert float(dsr) == -Qp * m.sum()
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda x: lsq_quantize(x, 1e-300, 2, signed=True), "s"),        # rounds to 0 in float32
+    (lambda x: lsq_quantize(x, 1e-40, 2, signed=True), "s"),         # a float32 subnormal
+    (lambda x: lsq_quantize(x, np.full((8, 1, 1, 1), 1e300), 2), "s"),  # overflows to inf
+    (lambda x: pact_quantize(x, 1e-300, 2), "alpha"),
+    (lambda x: pact_quantize(x, 1e300, 2), "alpha"),
+    (lambda x: lsqplus_quantize(x, 0.1, 1e300, 2), "beta"),
+    (lambda x: lsqplus_quantize(x, 1e-300, 0.0, 2), "s"),
+])
+def test_parameters_checked_after_the_cast_to_x_dtype(call, name):
+    """A step, clip level or offset that is finite and positive as a float64 but rounds to 0,
+    a subnormal or inf in x's float32 would give NaN gradients or inf outputs: refused."""
+    x = np.ones((8, 4, 3, 3), np.float32)
+    with pytest.raises(MecrefError, match=rf"^{name} must lie in .* float32"):
+        call(x)
+
+
+def test_tiny_step_is_fine_in_float64():
+    """The same 1e-300 is a normal float64: LSQ runs and its gradients are finite."""
+    x = np.linspace(-1, 1, 32).reshape(8, 4)
+    y, cache = lsq_quantize(x, 1e-300, 2, signed=True)
+    dx, ds = lsq_quantize_backward(cache, np.ones_like(y))
+    assert np.isfinite(y).all() and np.isfinite(dx).all() and np.isfinite(ds).all()
