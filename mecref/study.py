@@ -287,7 +287,7 @@ def plot_moe_diagnosis(rows, path, beta: float):
     for ax, (key, title, scale) in zip(axes, panels):
         for form in forms:
             line = sorted((r for r in sub if r["form"] == form), key=lambda r: r["eps"])
-            ax.plot([r["eps"] for r in line], [scale * value(r, key) for r in line], "o-",
+            ax.plot([r["eps"] for r in line], [scale * value(r, key) for r in line], marker="o",
                     label=form + (" (control)" if form == "MOE K=1" else ""), ms=4,
                     color=color[form], ls="--" if form == "MOE K=1" else "-")
         for r in base:
