@@ -89,8 +89,8 @@ MUTATIONS = [
       ("tests/test_fuzz_api.py", "-k", "bad_steps")),
     # --- coding length, MEC, Taylor, MOE (E1-E5)
     M("coding-length-mu", "the coding length's mu uses m alone",
-      "    mu = (m + d) / 2\n    fac, logdet = _gram_logdet(Zc, lam)",
-      "    mu = m / 2\n    fac, logdet = _gram_logdet(Zc, lam)",
+      "    mu = (m + d) / 2\n    if _check_flag(\"normalize\", normalize):\n        Zc, r = _unit_rows(Z, \"Z\")",
+      "    mu = m / 2\n    if _check_flag(\"normalize\", normalize):\n        Zc, r = _unit_rows(Z, \"Z\")",
       ("tests/test_entropy.py",)),
     M("unit-rows-backward", "the normalisation's backward adds the radial part instead of removing it",
       "dZ -= Z * row_dot(Z, dZ)[:, None]", "dZ += Z * row_dot(Z, dZ)[:, None]",

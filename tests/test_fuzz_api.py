@@ -199,7 +199,7 @@ def test_quantizers_refuse_bad_steps_clips_and_flags(s, which):
 # ------------------------------------------------------------------------------ entropy
 ENTROPY = {
     "coding_length": lambda Z, eps: entropy.coding_length(Z, eps),
-    "mec_loss": lambda Z1, eps: entropy.mec_loss(Z1, Z[::-1].copy(), eps),
+    "mec_loss": lambda Z1, eps: entropy.mec_loss(Z1, Z1[::-1].copy(), eps),
     "mec_taylor": lambda Z, eps: entropy.mec_loss(Z, Z, eps, order=4),
     "moe_coding_length": lambda Z, eps: entropy.moe_coding_length(Z, eps, experts=2),
 }

@@ -27,6 +27,8 @@ CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
 import mecref.train as T
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C even where the parent ignores it
 ckdir, where, marker, kw = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
 
 def wait_here():
