@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mecref.backend import cpu_model as _cpu_model
+
 from . import THREAD_SETUP
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,13 +246,7 @@ def profile_text(prof, unit="call"):
 
 # ----------------------------------------------------------------------------- machine
 def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return _cpu_model() or "unknown"
 
 
 def cpu_flags():

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 __all__ = [
+    "cpu_model",
     "MecrefError", "BackendUnavailableError", "BACKENDS",
     "get_xp", "array_module", "backend_name", "to_host", "to_backend",
     "cupy_usable", "default_dtype", "scipy_blas_single_thread", "cupy_stand_in",
@@ -217,3 +218,17 @@ def scipy_blas_single_thread():
     finally:
         for lib, n in zip(scipy_pools, saved):
             lib.set_num_threads(n)
+
+
+def cpu_model():
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string,
+    else None: recorded beside every timing, since the machines that run mecref differ."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or None

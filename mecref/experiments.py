@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import MecrefError
+from .backend import MecrefError, cpu_model
 from .checkpoint import write_atomic
 from .validate import check_int
 
@@ -439,7 +439,7 @@ def _run_cell(full: dict, out_dir: str, progress=False, init_from=None) -> dict:
         cfg = dataclasses.replace(cfg, init_from=str(init_from))
     rec = dict(key=key, group=group_key(full), label=method_label(full), bits=bits_label(full),
                seed=full["seed"], config=full, mecref_version=_version(),
-               blas_threads=_blas_threads(), pid=os.getpid(), cpu=_cpu_model(),
+               blas_threads=_blas_threads(), pid=os.getpid(), cpu=cpu_model(),
                pretrained_from=None if init_from is None else
                str(Path(init_from).resolve().relative_to(out.resolve())))
     ckpt_dir = out / "checkpoints" / key
@@ -471,18 +471,6 @@ def _load_record(path: Path, full: dict):
     if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
         return None
     return rec if _key_view(rec["config"]) == _key_view(full) else None
-
-
-def _cpu_model():
-    """The CPU's model name (Linux ``/proc/cpuinfo``), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or None
 
 
 def _write_json_atomic(path: Path, obj):

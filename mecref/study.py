@@ -151,10 +151,10 @@ def run_study(out, stages=STAGES, workers: int = 2, progress=True, placement_for
 
 def _log(out, stage, info):
     """Append the stage's wall time and machine to ``out/timings.json``."""
-    from .experiments import _cpu_model
+    from .backend import cpu_model
     path = out / "timings.json"
     log = json.loads(path.read_text()) if path.is_file() else []
-    log.append(dict(info, stage=stage, cpu=_cpu_model(),
+    log.append(dict(info, stage=stage, cpu=cpu_model(),
                     finished_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
     _write_json_atomic(path, log)
 
