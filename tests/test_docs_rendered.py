@@ -86,6 +86,25 @@ def test_data_records_the_machine_and_the_command():
         assert doc["machine"]["cpu"] and doc["machine"]["git"] and doc["seconds"] > 0
 
 
+def test_border_counts_on_constructed_images():
+    """Image 0 has a pixel above the threshold in its top row, image 1 in its left column,
+    image 2 exactly at the threshold in its bottom row (not above), image 3 only inside."""
+    x = np.zeros((4, 28, 28), np.uint8)
+    thr = doc_figures.EDGE_THRESHOLD
+    x[0, 0, 13], x[1, 20, 0], x[2, 27, 5], x[3, 1:27, 1:27] = thr + 1, 255, thr, 255
+    assert doc_figures._edges(x) == dict(n=4, top_or_bottom=0.25, any_edge=0.5)
+
+
+def test_data_measurement_renders_into_the_page(tmp_path):
+    """The whole path at a small size: measure (3 calls per timing), write, render."""
+    doc = doc_figures.measure_data(out=tmp_path / "data.json", reps=3)
+    assert json.loads((tmp_path / "data.json").read_text()) == doc
+    text = doc_figures.render_data((ROOT / "docs/data.md").read_text(), doc)
+    assert f"mean {doc['bundled']['train_pixels']['mean']:.4f}" in text
+    assert "medians of 3 calls" in text
+    assert all(t["median_ms"] > 0 for k, t in doc["timings"].items() if k != "malloc_env")
+
+
 def test_pixel_constants_are_the_measured_statistics():
     """PIXEL_MEAN and PIXEL_STD are the bundled training set's pixel mean and std, to four
     decimals, as measured into docs/results/data.json and recomputed here from the data."""
