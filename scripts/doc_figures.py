@@ -65,7 +65,9 @@ def machine() -> dict:
                 usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                 python=platform.python_version(), numpy=numpy.__version__, git=commit,
                 started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                env={k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                    "MECREF_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT")})
 
 
 def _write(path, doc):
@@ -323,8 +325,11 @@ def render_onnx_blocks(doc) -> dict:
     o0 = rows[0]["onnx"]["narrow"]
     size = sum(c["size"] for c in o0["codes"].values())
     head = [f"ONNX Runtime {doc['versions']['onnxruntime']} (onnx {doc['versions']['onnx']}) on the "
-            f"{_int(o0['n'])} bundled test images; made by `{doc['command']}`. \"Codes\" are the "
-            f"codes of the {len(o0['codes'])} quantized layer inputs ({_int(size)} per model).", "",
+            f"{_int(o0['n'])} bundled test images; made by `{doc['command']}`"
+            + (f" ({doc['seconds']:.0f} s, git {str(doc['machine']['git'])[:7]}, "
+               f"{doc['machine']['cpu']})" if "machine" in doc else "")
+            + f". \"Codes\" are the codes of the {len(o0['codes'])} quantized layer inputs "
+              f"({_int(size)} per model).", "",
             "| model | ONNX form | opset | accuracy ONNX / fake-quant / integer | identical predictions "
             "vs fake-quant, vs integer | codes differing vs fake-quant | logits vs fake-quant, max abs "
             "diff: all images / images with every code equal | codes differing vs integer | logits vs "
