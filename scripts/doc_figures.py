@@ -302,7 +302,7 @@ def render_export_blocks(doc) -> dict:
     default += ["", f"Measured by `{doc['command']}` (writes `docs/results/export.json`, which "
                 f"also holds each stage's figures; {doc['seconds']:.0f} s in all, training "
                 f"included) at git {str(m['git'])[:7]} on {m['cpu']} ({m['logical_cpus']} logical "
-                f"CPUs, shared with other work). The accuracies are those of these short runs; "
+                f"CPUs, shared with other work{_threads(m)}). The accuracies are those of these short runs; "
                 f"the match is what the table shows. End to end, a code that differs upstream "
                 f"moves the logits by whole weight steps, which are many logit steps S; fed with "
                 f"the fake model's `fc.in` codes (isolated), the integer logits differ by the last "
@@ -360,6 +360,12 @@ def render_onnx_blocks(doc) -> dict:
     return {"export-onnx": "\n".join(head), "export-onnx-sizes": "\n".join(sizes)}
 
 
+def _threads(m):
+    """', OPENBLAS_NUM_THREADS=1' where the run set it, else ''."""
+    v = (m.get("env") or {}).get("OPENBLAS_NUM_THREADS")
+    return f", OPENBLAS_NUM_THREADS={v}" if v else ""
+
+
 def _pct(v):
     return f"{100 * v:.1f} %"
 
@@ -398,7 +404,7 @@ def render_data_blocks(doc) -> dict:
     speed = (f"Speed (`{doc['command']}`, medians of {t['augment_float32_default']['reps']} calls "
              f"({t['epoch_batches']['reps']} for the epoch), each measurement in its own process; "
              f"{m['cpu']}, {m['logical_cpus']} logical CPUs shared with "
-             f"other work, git {str(m['git'])[:7]}): one view of a (128, 1, 28, 28) float32 batch "
+             f"other work{_threads(m)}, git {str(m['git'])[:7]}): one view of a (128, 1, 28, 28) float32 batch "
              f"{t['augment_float32_default']['median_ms']:.2f} ms with the default allocator and "
              f"{t['augment_float32_malloc']['median_ms']:.2f} ms with `{env}` (which keeps glibc from "
              f"mapping each fresh buffer of that size anew); a (128, 28, 28) uint8 "
