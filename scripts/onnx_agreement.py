@@ -5,17 +5,35 @@ the agreement with the fake-quant and the integer model, and the file sizes, as 
     python scripts/onnx_agreement.py runs/w8a8/last.npz runs/w4a4/last.npz runs/w2a2/last.npz \\
         --work runs/onnx --out docs/results/onnx_agreement.json
 
-Prints a Markdown table of the same figures (docs/export.md, "ONNX").
+Prints a Markdown table of the same figures; docs/export.md renders its ONNX tables from the
+JSON (`python3 scripts/doc_figures.py render`). The JSON records the CPU model, the git commit
+and the wall time of the run (the exports and evaluations, not the training).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
+import subprocess
+import time
 from pathlib import Path
 
+try:
+    from mecref.backend import cpu_model as _cpu_model       # the one reader, where present
+except ImportError:
+    from mecref.experiments import _cpu_model
 from mecref.export import export_checkpoint
 from mecref.onnx_export import evaluate_onnx, export_checkpoint_onnx
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def measure(checkpoint, work):
@@ -74,12 +92,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     import onnx
     import onnxruntime
+    started, t0 = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     rows = [measure(Path(c), Path(args.work) / Path(c).parent.name) for c in args.checkpoints]
     doc = dict(command="python scripts/onnx_agreement.py " + " ".join(args.checkpoints)
                + f" --work {args.work} --out {args.out}",
                versions=dict(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
                              python=platform.python_version()),
-               rows=rows)
+               machine=dict(cpu=_cpu_model(), logical_cpus=os.cpu_count(), git=_git_commit(),
+                            started=started.isoformat(timespec="seconds")),
+               seconds=round(time.perf_counter() - t0, 1), rows=rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     print(markdown(rows))

@@ -142,8 +142,8 @@ for n in names:
 # One codebook barely notices whether 90% of the samples have collapsed, and the push it gives
 # a bulk sample's direction is a small fraction of a tail sample's: its gradient would spend
 # itself on the few largest features. Experts by norm see the collapse clearly, and push a
-# bulk sample's direction several times to tens of times harder relative to the tail (about
-# as hard as a tail sample from $K = 4$ on), because each norm range is coded at its own
+# bulk sample's direction several times to tens of times harder relative to the tail (as
+# hard as a tail sample, or harder, from $K = 4$ on), because each norm range is coded at its own
 # scale.
 
 # %% [markdown]
@@ -279,10 +279,12 @@ for K in experts:
 # The model is an upper bound: the experts' speed-up needs batches large enough for the Gram
 # products to dominate. At small $m$ every call does the same per-sample work either way (the
 # row norms, the normalisation and its gradient, the routing) plus one factorisation per
-# expert, so the mixture is no faster, or slower. As $m$ grows towards $d$ and past it, the
-# products take over and the measured speed-up climbs towards the model's, largest for
-# $K = 8$; at $m = 2d$ the plain form has switched to its $d \times d$ side while experts of
-# $m/K \le d$ samples still work on theirs.
+# expert, so the measured gain stays far below the model's. As $m$ grows towards $d$ the
+# products take over and the measured speed-up rises towards the model's (for $K = 2$ and
+# $K = 4$ it levels off from $m = d/2$), largest for $K = 8$ from the second batch size on. At
+# $m = 2d$ it falls again for every $K$, as the model does: the plain form has switched to its
+# $d \times d$ side while experts of $m/K \le d$ samples still work on theirs. The printed rows
+# under the figure give the measured speed-ups.
 
 # %% [markdown]
 # ## 5. Soft gates, learned

@@ -23,9 +23,9 @@
 # schedule: they show what to look at, not whether MEC-Quant wins. The multi-seed tables, and
 # the sweep of the regulariser's weight $\beta$ and distortion $\epsilon$, are in
 # `docs/results.md`; this tutorial fixes $\beta = 0.5$, $\epsilon = 2$ for the exact form, a
-# strong setting that makes the regulariser's effect easy to see (the sweep's best for the
-# exact form is $\beta = 0.2$). BLAS runs on one thread (set before NumPy loads), as in
-# notebooks 2 and 3.
+# strong setting that makes the regulariser's effect easy to see (the strength the study in
+# `docs/results.md` chose for the exact form is weaker). BLAS runs on one thread (set before
+# NumPy loads), as in notebooks 2 and 3.
 
 # %%
 import os
@@ -117,10 +117,10 @@ axes[1].legend(ncol=2)
 plt.show()
 
 # %% [markdown]
-# In this run the regulariser costs accuracy at first: MEC-Quant's cross-entropy stays above
-# LSQ's and its test accuracy below it, while its regulariser term keeps falling (the features
-# keep spreading). At this $\beta$ a good share of each step goes to the entropy. Whether the
-# gap closes over a longer schedule, and at which $\beta$, is what the multi-seed tables in
+# In this run MEC-Quant's cross-entropy stays above LSQ's in every epoch and its test accuracy
+# ends below LSQ's, while its regulariser term keeps falling (the features keep spreading);
+# after the first epoch the two test accuracies were in the other order (the rows printed
+# above). At this $\beta$ a good share of each step goes to the entropy. Whether the gap closes over a longer schedule, and at which $\beta$, is what the multi-seed tables in
 # `docs/results.md` answer; three epochs of one seed cannot.
 
 # %% [markdown]
@@ -173,9 +173,9 @@ for r in table:
 
 # %% [markdown]
 # The regulariser does what it is built to do. MEC-Quant's spectrum is much flatter: its
-# effective rank and its coding length per sample are several times those of the other two
-# models, whose few leading eigenvalues hold almost all the variance. Without the regulariser
-# the 2-bit LSQ model's spectrum falls a little faster than FP32's: the collapse that
+# effective rank and its coding length per sample are well above those of the other two
+# models (the table above), whose few leading eigenvalues hold almost all the variance.
+# Without the regulariser the 2-bit LSQ model's spectrum falls a little faster than FP32's: the collapse that
 # MEC-Quant sets out to undo, mild in a network this small.
 #
 # A flat spectrum is not the same as separable classes, though: the between/within ratio
