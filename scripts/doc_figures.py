@@ -55,10 +55,7 @@ EDGE_THRESHOLD = 50      # a pixel above this value (of 255) counts as part of t
 # ============================================================================ machine
 def machine() -> dict:
     import numpy
-    try:
-        from mecref.backend import cpu_model as _cpu_model       # the one reader, where present
-    except ImportError:
-        from mecref.experiments import _cpu_model
+    from mecref.backend import cpu_model as _cpu_model
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()

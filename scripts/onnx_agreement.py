@@ -20,10 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-try:
-    from mecref.backend import cpu_model as _cpu_model       # the one reader, where present
-except ImportError:
-    from mecref.experiments import _cpu_model
+from mecref.backend import cpu_model as _cpu_model
 from mecref.export import export_checkpoint
 from mecref.onnx_export import evaluate_onnx, export_checkpoint_onnx
 
