@@ -494,7 +494,14 @@ def _second_protocol(docs):
     for name, what in (("main.json", "bundled subset"), ("main_full.json", "full Fashion-MNIST")):
         path = docs / "results" / name
         if path.is_file():
-            L += [f"### {what.capitalize()}", "", markdown_table(json.loads(path.read_text())["rows"]), ""]
+            data = json.loads(path.read_text())
+            L += [f"### {what.capitalize()}", "", markdown_table(data["rows"]), ""]
+            made = data.get("made_by")
+            if made:
+                L += [f"Made at commit {made['commit']} ({made['date']}) by the commands below; "
+                      "the code has changed since (the convolution, the regularisers' defaults), "
+                      f"so they reproduce these rows at that commit (`git checkout {made['commit']}`), "
+                      "not at HEAD:", "", "```bash", *made["commands"], "```", ""]
     return L
 
 
@@ -507,10 +514,8 @@ def _regenerate(data):
             "# copy its results into docs/results/study/ and draw the figures, then render this page",
             _CMD_COLLECT,
             _CMD_RENDER,
-            "# the second protocol's tables (from scratch, the earlier settings)",
-            "mecref table --grid main --settings '{\"mec\": {\"eps\": 2.0}, \"MOE K=4\": {\"eps\": 2.0}}' "
-            "--forms exact \"Taylor n=4\" \"MOE K=4\" --seeds 0 1 2 --epochs 3 --out runs/main --workers 2",
-            "```", ""]
+            "```", "",
+            "The second protocol's tables: the commands under each of them."]
 
 
 def main(argv=None):
