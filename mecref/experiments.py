@@ -182,7 +182,7 @@ def method_label(config: dict) -> str:
 # Running a grid
 # ----------------------------------------------------------------------------------------------
 
-def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
+def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True, client=None) -> list:
     """Run every (config, seed) cell that is not finished yet; return all cells' records.
 
     Parameters
@@ -202,6 +202,10 @@ def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
     progress : bool or callable
         True prints one line per finished cell on stderr (which cell, accuracy, time, how many
         are left); a callable gets ``(record, done, total)`` instead.
+    client : distributed.Client, optional
+        Run the cells on this Dask cluster instead (``workers`` is then unused): no shared
+        filesystem, the cache is written here; :mod:`mecref.cluster`. A cell the cluster gives
+        up on (its workers died) comes back with ``status="failed"`` and is not cached.
 
     Returns
     -------
@@ -243,6 +247,11 @@ def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
     jobs = _with_pretraining(todo, out, records)
     report = _GridProgress(progress, total=len(cells) + len(jobs) - len(todo),
                            cached=len(cells) - len(todo))
+    if client is not None:
+        from .cluster import cluster_workers, run_cells
+        report.start(len(jobs), cluster_workers(client))
+        run_cells(client, jobs, out, records, report)
+        return [records[key] for _, key in cells]
     report.start(len(jobs), workers)
     if workers == 1 or len(jobs) <= 1:
         _run_in_order(jobs, out, records, report, progress is True and workers == 1)
