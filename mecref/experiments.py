@@ -1033,7 +1033,7 @@ def plot_sweep(rows, path, metric: str = "val_acc_mean"):
 # ----------------------------------------------------------------------------------------------
 
 def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_run=False,
-              from_sweep=None, **grid_kwargs) -> str:
+              from_sweep=None, client=None, **grid_kwargs) -> str:
     """Build a canonical grid, run (or resume) it, write the results; return Markdown.
 
     ``grid`` is ``"main"`` (:func:`main_grid`) or ``"sweep"`` (:func:`sweep_grid`, which also
@@ -1041,6 +1041,8 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
     validation accuracy); ``grid_kwargs`` go to the grid function. For the main grid,
     ``from_sweep`` names a sweep folder whose best settings (chosen on validation accuracy)
     the MEC-Quant rows use. ``dry_run`` lists the cells and which are cached, and trains nothing.
+    ``client`` runs the cells on a Dask cluster (:func:`run_grid`); cells the cluster gave up
+    on are listed under the table.
     """
     if grid not in ("main", "sweep"):
         raise MecrefError(f"grid must be 'main' or 'sweep', got {grid!r}")
@@ -1054,9 +1056,13 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
     configs = (main_grid if grid == "main" else sweep_grid)(**grid_kwargs)
     if dry_run:
         return header + _dry_run(configs, seeds, out_dir)
-    run_grid(configs, seeds, out_dir, workers=workers, progress=progress)
+    records = run_grid(configs, seeds, out_dir, workers=workers, progress=progress, client=client)
     rows = write_results(out_dir, configs)
     text = header + markdown_table(rows)
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        text += "\n\n" + "\n".join(f"- FAILED (not cached; run again to retry): {r['bits']} "
+                                    f"{r['label']} seed {r['seed']}: {r['error']}" for r in failed)
     if grid == "sweep":
         plot_sweep(rows, Path(out_dir, "sweep.png"))
         best = best_settings(rows)

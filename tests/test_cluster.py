@@ -103,6 +103,17 @@ def test_cluster_cache_equals_the_local_pool_after_ctrl_c_and_a_resume(pool_cach
     again = run_grid(CONFIGS, SEEDS, tmp_path, client=client, progress=False)
     assert all(r["from_cache"] for r in again)
 
+    # a lost run file of a cell trained on the cluster is rebuilt here from its checkpoint,
+    # without training (the checkpoint's init_from names the worker's scratch copy)
+    lost = tmp_path / "runs" / f"{cell_key(CONFIGS[1], 0)}.json"
+    timed = json.loads(lost.read_text())["seconds_per_epoch"]
+    lost.unlink()
+    (rebuilt,) = [r for r in run_grid(CONFIGS, SEEDS, tmp_path, workers=1, progress=False)
+                  if not r["from_cache"]]
+    assert rebuilt["key"] == cell_key(CONFIGS[1], 0)
+    assert rebuilt["seconds_per_epoch"] == timed      # the epochs timed on the worker
+    assert _stable(json.loads(lost.read_text())) == pool_cache[f"runs/{lost.name}"]
+
 
 class _KillOnFirstSave(distributed.WorkerPlugin):
     """Kills its worker process (SIGKILL) right after the first epoch's checkpoint of the cell
@@ -187,3 +198,21 @@ def test_connect_refuses_a_bad_address_and_says_why_when_nothing_answers():
         connect("localhost:8786")
     with pytest.raises(MecrefError, match="no Dask scheduler answered"):
         connect("tcp://127.0.0.1:9", timeout=1)
+
+
+def _without_seconds(table):
+    """A Markdown results table without its last column (seconds per epoch)."""
+    return [line.rsplit("|", 2)[0] for line in table.splitlines() if line.startswith("|")]
+
+
+def test_cli_table_on_the_scheduler_reproduces_the_local_pool_table(client, tmp_path, capsys):
+    from mecref.cli import main
+    argv = ["table", "--bits", "W2A2", "--forms", "exact", "--seeds", "0", "--epochs", "1",
+            "--train-limit", "64", "--batch-size", "32", "--width", "4", "8", "8", "--quiet"]
+    assert main(argv + ["--out", str(tmp_path / "pool"), "--workers", "2"]) == 0
+    pool = capsys.readouterr().out
+    assert main(argv + ["--out", str(tmp_path / "cluster"),
+                        "--scheduler", client.scheduler.address]) == 0
+    on_cluster = capsys.readouterr().out
+    assert len(_without_seconds(pool)) == 2 + 6    # FP32, STE, DoReFa+PACT, LSQ, LSQ+, exact
+    assert _without_seconds(on_cluster) == _without_seconds(pool)
