@@ -59,7 +59,7 @@ from pathlib import Path, PurePosixPath
 
 from .backend import MecrefError
 
-__all__ = ["connect", "train_cell", "run_cells", "cluster_workers"]
+__all__ = ["connect", "train_cell", "run_cells", "cluster_workers", "worker_environ"]
 
 _CELL_PREFIX = "mecref-cell"
 
@@ -94,6 +94,16 @@ def connect(scheduler: str, timeout: float = 30):
         raise MecrefError(f"no Dask scheduler answered at {scheduler} within {timeout:g} s "
                           f"({type(exc).__name__}: {exc}); start one with `dask scheduler` "
                           f"(docs/cluster.md)") from None
+
+
+def worker_environ() -> dict:
+    """The environment of the local pool's worker processes, for a Dask worker's process
+    (the nanny's ``distributed.nanny.pre-spawn-environ``, read before the worker starts): one
+    BLAS, OpenMP and mecref thread, and glibc's mmap/trim thresholds raised (Dask's default
+    trims at 64 kB, which re-maps and page-faults the large temporaries of every step).
+    Threads are pinned in each cell anyway; this makes the seconds per epoch the pool's."""
+    from .experiments import _MALLOC_ENV, _WORKER_ENV
+    return dict(_WORKER_ENV, **_MALLOC_ENV)
 
 
 def cluster_workers(client) -> int:
@@ -245,8 +255,9 @@ def run_cells(client, jobs, out, records, report):
 
 
 class _ClusterStatus:
-    """After each finished cell (when progress is printed): how many of the grid's cells are
-    running on a worker and how many are queued, as the scheduler sees them."""
+    """After each finished cell (when progress is printed): how many of the grid's cells a
+    worker is executing and how many wait (at the scheduler or in a worker's queue), as the
+    scheduler sees them, and how many workers there are."""
 
     def __init__(self, on, client, futures):
         self.on, self.client, self.futures = on, client, futures
@@ -254,10 +265,14 @@ class _ClusterStatus:
     def show(self):
         if not self.on or not self.futures:
             return
+        keys = {f.key for f in self.futures}
+
+        def executing(dask_scheduler, keys=keys):  # runs on the scheduler: no mecref there
+            return sum(ts.key in keys for ws in dask_scheduler.workers.values()
+                       for ts in ws.executing)
         try:
-            busy = {k for keys in self.client.processing().values() for k in keys}
+            running = self.client.run_on_scheduler(executing)
         except Exception:  # a scheduler that went away: the next result will say so
             return
-        running = sum(1 for f in self.futures if f.key in busy)
-        print(f"  cluster: {running} running, {len(self.futures) - running} queued, "
+        print(f"  cluster: {running} running, {len(keys) - running} queued, "
               f"{cluster_workers(self.client)} workers", file=sys.stderr, flush=True)
