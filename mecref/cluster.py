@@ -83,9 +83,14 @@ def connect(scheduler: str, timeout: float = 30):
     MecrefError
         dask.distributed is not installed, ``scheduler`` is not an address, or no scheduler
         answers there within ``timeout`` seconds.
+    TypeError
+        ``scheduler`` is not a str.
     """
     distributed = _distributed()
-    if not isinstance(scheduler, str) or "://" not in scheduler:
+    if not isinstance(scheduler, str):
+        raise TypeError(f"scheduler must be a str such as 'tcp://HOST:8786', got "
+                        f"{type(scheduler).__name__} {scheduler!r}")
+    if "://" not in scheduler:
         raise MecrefError(f"scheduler must be an address such as 'tcp://HOST:8786', got "
                           f"{scheduler!r}")
     try:
@@ -98,17 +103,18 @@ def connect(scheduler: str, timeout: float = 30):
 
 def worker_environ() -> dict:
     """The environment of the local pool's worker processes, for a Dask worker's process
-    (the nanny's ``distributed.nanny.pre-spawn-environ``, read before the worker starts): one
-    BLAS, OpenMP and mecref thread, and glibc's mmap/trim thresholds raised (Dask's default
-    trims at 64 kB, which re-maps and page-faults the large temporaries of every step).
-    Threads are pinned in each cell anyway; this makes the seconds per epoch the pool's."""
+    (the nanny's ``distributed.nanny.pre-spawn-environ``, read before the worker starts, or
+    the environment ``dask worker`` is started in): one BLAS, OpenMP and mecref thread, and
+    glibc's mmap/trim thresholds as the pool sets them (Dask's default trims at 64 kB).
+    Threads are pinned in each cell anyway, so the numbers do not depend on it; it makes a
+    worker's process the pool's, for comparable seconds per epoch."""
     from .experiments import _MALLOC_ENV, _WORKER_ENV
     return dict(_WORKER_ENV, **_MALLOC_ENV)
 
 
 def cluster_workers(client) -> int:
     """The number of workers the client's scheduler has now."""
-    return len(client.scheduler_info().get("workers", {}))
+    return len(client.nthreads())
 
 
 # ----------------------------------------------------------------------------------------------

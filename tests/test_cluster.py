@@ -89,7 +89,7 @@ def test_cluster_cache_equals_the_local_pool_after_ctrl_c_and_a_resume(pool_cach
             break
         distributed.wait([client.submit(sum, [1], pure=False)])  # a round trip, no sleep
     assert client.run_on_scheduler(_our_tasks) == []
-    assert len(client.scheduler_info()["workers"]) == 2
+    assert len(client.nthreads()) == 2
     assert len(list((tmp_path / "runs").glob("*.json"))) == 1
 
     seen = []
@@ -196,6 +196,8 @@ def test_a_result_may_only_write_under_checkpoints(tmp_path):
 def test_connect_refuses_a_bad_address_and_says_why_when_nothing_answers():
     with pytest.raises(MecrefError, match="tcp://HOST:8786"):
         connect("localhost:8786")
+    with pytest.raises(TypeError, match="scheduler must be a str"):
+        connect(8786)
     with pytest.raises(MecrefError, match="no Dask scheduler answered"):
         connect("tcp://127.0.0.1:9", timeout=1)
 
