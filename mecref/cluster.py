@@ -236,10 +236,11 @@ def run_cells(client, jobs, out, records, report):
         fut = client.submit(train_cell, full, pre, key=f"{_CELL_PREFIX}-{key}-{tag}",
                             pure=False, retries=0)
         futures[fut], by_key[key] = (full, key), fut
+    by_key.clear()    # a finished cell's result is released once written (dependents keep theirs)
     status = _ClusterStatus(getattr(report, "on", False), client, futures)
     try:
         for fut in distributed.as_completed(list(futures)):
-            full, key = futures.pop(fut)
+            full, key = futures[fut]
             if fut.status == "finished":
                 res = fut.result()
                 _write_files(out, res["files"])
@@ -252,6 +253,7 @@ def run_cells(client, jobs, out, records, report):
                 if not isinstance(exc, distributed.KilledWorker):
                     fut.result()  # raises the cell's own error, with its remote traceback
                 rec = _failed_record(full, key, f"{type(exc).__name__}: {exc}")
+            del futures[fut]   # kept until here: an error above cancels it with the rest
             records[key] = dict(rec, from_cache=False)
             report.done(records[key])
             status.show()

@@ -79,7 +79,7 @@ def main(argv=None):
 
     from mecref.cluster import worker_environ
 
-    from mecref.experiments import _cpu_model, _digest, main_grid, pretrain_cell, run_grid
+    from mecref.experiments import _digest, main_grid, pretrain_cell, run_grid
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out} must be empty or absent")
@@ -127,7 +127,7 @@ def main(argv=None):
                    cluster_s=t_cluster, caches_equal=same,
                    sent_to_worker_bytes=dict(min=min(sent), max=max(sent)),
                    sent_back_bytes=dict(min=min(back), max=max(back)),
-                   total_bytes=sum(sent) + sum(back), cpu=_cpu_model(),
+                   total_bytes=sum(sent) + sum(back), cpu=records[0]["cpu"],
                    argv=vars(args), load_before=load, load_after=os.getloadavg())
     print(json.dumps(figures, indent=1))
     return 0 if same else 1

@@ -75,6 +75,15 @@ def _our_tasks(dask_scheduler):
     return [str(k) for k in dask_scheduler.tasks if str(k).startswith("mecref-cell")]
 
 
+def _assert_no_cells_left(client):
+    """The scheduler forgets cancelled cells at once; a few round trips let it catch up."""
+    for _ in range(100):
+        if not client.run_on_scheduler(_our_tasks):
+            break
+        distributed.wait([client.submit(sum, [1], pure=False)])  # a round trip, no sleep
+    assert client.run_on_scheduler(_our_tasks) == []
+
+
 def test_cluster_cache_equals_the_local_pool_after_ctrl_c_and_a_resume(pool_cache, client,
                                                                        tmp_path):
     assert len(pool_cache) == 6 * 3   # 2 pretrainings + 4 cells: a record, last.npz, last.json
@@ -84,11 +93,7 @@ def test_cluster_cache_equals_the_local_pool_after_ctrl_c_and_a_resume(pool_cach
     with pytest.raises(KeyboardInterrupt):
         run_grid(CONFIGS, SEEDS, tmp_path, progress=interrupt, client=client)
     # the grid's cells are gone from the scheduler, the cluster is still up
-    for _ in range(100):
-        if not client.run_on_scheduler(_our_tasks):
-            break
-        distributed.wait([client.submit(sum, [1], pure=False)])  # a round trip, no sleep
-    assert client.run_on_scheduler(_our_tasks) == []
+    _assert_no_cells_left(client)
     assert len(client.nthreads()) == 2
     assert len(list((tmp_path / "runs").glob("*.json"))) == 1
 
@@ -183,6 +188,17 @@ def test_a_cell_whose_workers_keep_dying_is_reported_failed_and_not_cached(clien
     # its FP32 pretraining finished and is cached: the next run sends the cell alone
     assert len(list((tmp_path / "grid" / "runs").glob("*.json"))) == 1
     client.wait_for_workers(2)
+
+
+def test_a_cell_that_fails_on_a_worker_stops_the_grid_with_its_error(client, tmp_path):
+    # a data folder the workers do not have: the configuration is valid, reading the data
+    # fails on the worker, and the runner raises that error and cancels the other cells
+    missing = dict(TINY, pretrain_epochs=0, quantizer="lsq", reg=None, dataset="idx",
+                   data_dir=str(tmp_path / "not-on-the-workers"))
+    with pytest.raises(MecrefError, match="not-on-the-workers.* does not exist"):
+        run_grid([missing], SEEDS, tmp_path / "grid", client=client, progress=False)
+    assert not list((tmp_path / "grid" / "runs").glob("*.json"))
+    _assert_no_cells_left(client)
 
 
 def test_a_result_may_only_write_under_checkpoints(tmp_path):
