@@ -185,7 +185,7 @@ def _write_files(root: Path, files: dict):
     from .checkpoint import write_atomic
     for rel, data in files.items():
         parts = PurePosixPath(rel).parts
-        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or parts[0] != "checkpoints":
+        if parts[:1] != ("checkpoints",) or ".." in parts:   # absolute, empty, or escaping
             raise MecrefError(f"a cell's result names the file {rel!r}: expected a path "
                               f"under checkpoints/")
         path = root.joinpath(*parts)
