@@ -38,6 +38,9 @@ being re-mapped (and page-faulted) every step. ``workers=1`` runs the cells in t
 its BLAS unchanged. The seconds-per-epoch column therefore depends on ``workers``: each cell's
 record says how many BLAS threads it ran with (``blas_threads``, read with threadpoolctl; None
 where threadpoolctl is not installed).
+
+``client=`` (a ``distributed.Client``) runs the cells on a Dask cluster instead, with no
+shared filesystem: :mod:`mecref.cluster`, docs/cluster.md.
 """
 from __future__ import annotations
 
