@@ -29,8 +29,11 @@ MAX_WIDTH = 4096        # channels per conv layer a checkpoint may declare
 MAX_CLASSES = 100000
 _MAX_META_BYTES = 64 << 20
 # config entries a checkpoint may differ in from the run that reads it: the backend does the
-# same math on another device, so a run trained on a GPU resumes or is evaluated on a CPU
-PORTABLE_FIELDS = ("backend",)
+# same math on another device, so a run trained on a GPU resumes or is evaluated on a CPU; and
+# init_from is where the starting weights were read, a path (the same grid folder spelled
+# otherwise, or a cluster worker's scratch copy, mecref.cluster) that a resumed run, whose
+# weights come from the checkpoint, never reads
+PORTABLE_FIELDS = ("backend", "init_from")
 _MEMBER = re.compile(r"(model|optim)/[A-Za-z0-9_]+\.[A-Za-z0-9_]+\.npy")
 
 
@@ -109,7 +112,7 @@ def load_checkpoint(path, expect_config: dict | None = None, keys=("model_config
     Everything is read and checked before it is returned, so a failure never leaves a model
     half-loaded. With ``expect_config``, each entry named in ``keys`` must equal the same entry
     of the checkpoint's meta, or :class:`CheckpointError` says which differ; fields named in
-    :data:`PORTABLE_FIELDS` (the backend) may differ.
+    :data:`PORTABLE_FIELDS` (the backend, the path of ``init_from``) may differ.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or path-like, got {type(path).__name__} {path!r}")

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 from .backend import MecrefError
 
@@ -133,7 +134,25 @@ def _add_grid_common(p, seeds):
                         "epochs, one per seed, cached and shared (default: 0, from scratch)")
     p.add_argument("--pretrain-lr", type=float, default=None,
                    help="peak learning rate of that FP32 pretraining (default: TrainConfig's)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the cells on the Dask cluster of this scheduler, e.g. tcp://HOST:8786, "
+                        "instead of --workers local processes (extra `cluster`; docs/cluster.md)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+@contextmanager
+def _cluster_client(args):
+    """A client of ``--scheduler`` for the command (None without it, or on a dry run); closing
+    it at the end (or on Ctrl-C) disconnects and leaves the cluster up."""
+    if args.scheduler is None or getattr(args, "dry_run", False):
+        yield None
+        return
+    from .cluster import connect
+    client = connect(args.scheduler)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def _grid_common(args) -> dict:
@@ -198,8 +217,10 @@ def _run_table(args):
     elif args.bits or args.settings or args.from_sweep or args.forms:
         raise MecrefError("--bits, --settings, --forms and --from-sweep belong to --grid main; "
                           "`mecref sweep --help` lists the sweep's options")
-    print(run_table(args.grid, args.seeds, args.out, workers=args.workers,
-                    progress=not args.quiet, dry_run=args.dry_run, from_sweep=args.from_sweep, **kw))
+    with _cluster_client(args) as client:
+        print(run_table(args.grid, args.seeds, args.out, workers=args.workers,
+                        progress=not args.quiet, dry_run=args.dry_run, from_sweep=args.from_sweep,
+                        client=client, **kw))
     return 0
 
 
@@ -228,10 +249,12 @@ def _run_sweep(args):
     from .experiments import run_table
     forms = ([{"reg": "mec"}] + [{"reg": "mec_taylor", "order": n} for n in args.orders]
              + [{"reg": "moe", "experts": k} for k in args.experts])
-    print(run_table("sweep", args.seeds, args.out, workers=args.workers, progress=not args.quiet,
-                    dry_run=args.dry_run, epochs=args.epochs, reg_weights=args.reg_weights,
-                    eps_values=args.eps_values, forms=forms, w_bits=args.bits[0],
-                    a_bits=args.bits[1], val_size=args.val_size, **_grid_common(args)))
+    with _cluster_client(args) as client:
+        print(run_table("sweep", args.seeds, args.out, workers=args.workers,
+                        progress=not args.quiet, dry_run=args.dry_run, epochs=args.epochs,
+                        reg_weights=args.reg_weights, eps_values=args.eps_values, forms=forms,
+                        w_bits=args.bits[0], a_bits=args.bits[1], val_size=args.val_size,
+                        client=client, **_grid_common(args)))
     return 0
 
 
@@ -259,10 +282,11 @@ def _run_diagnose(args):
     from .diagnostics import diagnose, markdown_diagnostics
     if len(args.seeds) != 1:
         raise MecrefError(f"diagnose takes one seed, got --seeds {' '.join(map(str, args.seeds))}")
-    res = diagnose(args.out, bits=args.bits, epochs=args.epochs, seed=args.seeds[0],
-                   workers=args.workers, n_samples=args.n_samples, diag_eps=args.diag_eps,
-                   reg=args.reg, settings=args.settings, from_sweep=args.from_sweep,
-                   progress=not args.quiet, **_grid_common(args))
+    with _cluster_client(args) as client:
+        res = diagnose(args.out, bits=args.bits, epochs=args.epochs, seed=args.seeds[0],
+                       workers=args.workers, n_samples=args.n_samples, diag_eps=args.diag_eps,
+                       reg=args.reg, settings=args.settings, from_sweep=args.from_sweep,
+                       progress=not args.quiet, client=client, **_grid_common(args))
     print(markdown_diagnostics(res["table"]))
     print(f"\nwrote {args.out}/diagnostics.json, diagnostics.png and spectra_*.png")
     return 0

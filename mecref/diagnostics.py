@@ -336,7 +336,7 @@ def _num(v):
 
 def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, workers: int = 2,
              n_samples: int = 2000, diag_eps: float = 0.5, reg: str = "mec_taylor", settings=None,
-             from_sweep=None, progress=True, **common) -> dict:
+             from_sweep=None, progress=True, client=None, **common) -> dict:
     """Train (or find cached) FP32, LSQ and MEC-Quant models and measure their features.
 
     The models are the cells of :func:`mecref.experiments.run_grid` with the same configurations
@@ -345,6 +345,7 @@ def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, wor
     ``common`` fields reuses its trained models (their checkpoints) instead of training again.
     ``from_sweep`` (a sweep folder) takes the settings with the best validation accuracy there
     (:func:`mecref.experiments.settings_from_sweep`); explicit ``settings`` entries win.
+    ``client`` (a ``distributed.Client``) trains them on a Dask cluster (:mod:`mecref.cluster`).
 
     On the first ``n_samples`` test images, for each model: accuracy, the covariance spectrum
     of the unit features, effective rank, coding length per sample at ``diag_eps`` (the same m
@@ -370,7 +371,7 @@ def diagnose(out_dir, bits=((4, 4), (2, 2)), epochs: int = 6, seed: int = 0, wor
     grid = main_grid(epochs=epochs, bits=pairs, settings=settings, **common)
     keep = [c for c in grid if c["quantizer"] == "fp32"
             or (c["quantizer"] == "lsq" and c["reg"] in (None, reg))]
-    records = run_grid(keep, [seed], out_dir, workers=workers, progress=progress)
+    records = run_grid(keep, [seed], out_dir, workers=workers, progress=progress, client=client)
     out = Path(out_dir)
     cfg0 = records[0]["config"]
     ds = mdata.load_dataset(cfg0["dataset"], data_dir=cfg0["data_dir"])

@@ -38,6 +38,9 @@ being re-mapped (and page-faulted) every step. ``workers=1`` runs the cells in t
 its BLAS unchanged. The seconds-per-epoch column therefore depends on ``workers``: each cell's
 record says how many BLAS threads it ran with (``blas_threads``, read with threadpoolctl; None
 where threadpoolctl is not installed).
+
+``client=`` (a ``distributed.Client``) runs the cells on a Dask cluster instead, with no
+shared filesystem: :mod:`mecref.cluster`, docs/cluster.md.
 """
 from __future__ import annotations
 
@@ -182,7 +185,7 @@ def method_label(config: dict) -> str:
 # Running a grid
 # ----------------------------------------------------------------------------------------------
 
-def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
+def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True, client=None) -> list:
     """Run every (config, seed) cell that is not finished yet; return all cells' records.
 
     Parameters
@@ -202,6 +205,10 @@ def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
     progress : bool or callable
         True prints one line per finished cell on stderr (which cell, accuracy, time, how many
         are left); a callable gets ``(record, done, total)`` instead.
+    client : distributed.Client, optional
+        Run the cells on this Dask cluster instead (``workers`` is then unused): no shared
+        filesystem, the cache is written here; :mod:`mecref.cluster`. A cell the cluster gives
+        up on (its workers died) comes back with ``status="failed"`` and is not cached.
 
     Returns
     -------
@@ -243,6 +250,11 @@ def run_grid(configs, seeds, out_dir, workers: int = 2, progress=True) -> list:
     jobs = _with_pretraining(todo, out, records)
     report = _GridProgress(progress, total=len(cells) + len(jobs) - len(todo),
                            cached=len(cells) - len(todo))
+    if client is not None:
+        from .cluster import cluster_workers, run_cells
+        report.start(len(jobs), cluster_workers(client))
+        run_cells(client, jobs, out, records, report)
+        return [records[key] for _, key in cells]
     report.start(len(jobs), workers)
     if workers == 1 or len(jobs) <= 1:
         _run_in_order(jobs, out, records, report, progress is True and workers == 1)
@@ -1012,7 +1024,7 @@ def plot_sweep(rows, path, metric: str = "val_acc_mean"):
 # ----------------------------------------------------------------------------------------------
 
 def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_run=False,
-              from_sweep=None, **grid_kwargs) -> str:
+              from_sweep=None, client=None, **grid_kwargs) -> str:
     """Build a canonical grid, run (or resume) it, write the results; return Markdown.
 
     ``grid`` is ``"main"`` (:func:`main_grid`) or ``"sweep"`` (:func:`sweep_grid`, which also
@@ -1020,6 +1032,8 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
     validation accuracy); ``grid_kwargs`` go to the grid function. For the main grid,
     ``from_sweep`` names a sweep folder whose best settings (chosen on validation accuracy)
     the MEC-Quant rows use. ``dry_run`` lists the cells and which are cached, and trains nothing.
+    ``client`` runs the cells on a Dask cluster (:func:`run_grid`); cells the cluster gave up
+    on are listed under the table.
     """
     if grid not in ("main", "sweep"):
         raise MecrefError(f"grid must be 'main' or 'sweep', got {grid!r}")
@@ -1033,9 +1047,13 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
     configs = (main_grid if grid == "main" else sweep_grid)(**grid_kwargs)
     if dry_run:
         return header + _dry_run(configs, seeds, out_dir)
-    run_grid(configs, seeds, out_dir, workers=workers, progress=progress)
+    records = run_grid(configs, seeds, out_dir, workers=workers, progress=progress, client=client)
     rows = write_results(out_dir, configs)
     text = header + markdown_table(rows)
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        text += "\n\n" + "\n".join(f"- FAILED (not cached; run again to retry): {r['bits']} "
+                                    f"{r['label']} seed {r['seed']}: {r['error']}" for r in failed)
     if grid == "sweep":
         plot_sweep(rows, Path(out_dir, "sweep.png"))
         best = best_settings(rows)
