@@ -212,7 +212,9 @@ def _add_table(sub):
     p.add_argument("--forms", nargs="+", default=None, metavar="FORM",
                    help='MEC-Quant forms of the main grid, by label (e.g. exact "Taylor n=4" "MOE K=4"; '
                         "default: all of mecref.experiments.FORMS)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and which are cached; train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells, which are cached, and how long the rest will take (from "
+                        "the cached cells' times or a measured step); train and write nothing")
     p.set_defaults(func=_run_table)
 
 
@@ -247,7 +249,16 @@ def _run_table(args):
                           "`mecref sweep --help` lists the sweep's options")
     print(run_table(args.grid, args.seeds, args.out, workers=args.workers,
                     progress=not args.quiet, dry_run=args.dry_run, from_sweep=args.from_sweep, **kw))
+    _print_written(args, ["sweep.png", "best_settings.json"] if args.grid == "sweep" else [])
     return 0
+
+
+def _print_written(args, extra):
+    """The last line of a grid verb: where its files went."""
+    if args.dry_run:
+        return
+    names = ", ".join(["results.csv", "results.json", *extra])
+    print(f"\nwrote {names} in {args.out} (each cell: runs/<key>.json, checkpoints/<key>/)")
 
 
 def _add_sweep(sub):
@@ -267,7 +278,9 @@ def _add_sweep(sub):
     p.add_argument("--orders", type=int, nargs="+", default=[4], help="Taylor orders, a form each (default: %(default)s)")
     p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="MOE expert counts, a form each (default: %(default)s)")
     p.add_argument("--bits", type=_bits_pair, default=(2, 2), help="bit-width, e.g. W2A4 (default: W2A2)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and which are cached; train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells, which are cached, and how long the rest will take (from "
+                        "the cached cells' times or a measured step); train and write nothing")
     p.set_defaults(func=_run_sweep)
 
 
@@ -279,6 +292,7 @@ def _run_sweep(args):
                     dry_run=args.dry_run, epochs=args.epochs, reg_weights=args.reg_weights,
                     eps_values=args.eps_values, forms=forms, w_bits=args.bits[0],
                     a_bits=args.bits[1], val_size=args.val_size, **_grid_common(args)))
+    _print_written(args, ["sweep.png", "best_settings.json"])
     return 0
 
 
@@ -311,7 +325,8 @@ def _run_diagnose(args):
                    reg=args.reg, settings=args.settings, from_sweep=args.from_sweep,
                    progress=not args.quiet, **_grid_common(args))
     print(markdown_diagnostics(res["table"]))
-    print(f"\nwrote {args.out}/diagnostics.json, diagnostics.png and spectra_*.png")
+    print(f"\nwrote diagnostics.json, diagnostics.png and spectra_*.png in {args.out} "
+          f"(each model: runs/<key>.json, checkpoints/<key>/)")
     return 0
 
 

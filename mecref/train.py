@@ -389,6 +389,29 @@ def _write_run_files(folder, history, cfg, files):
                                              title=runlog.method_text(cfg.as_dict())))
 
 
+def time_step(cfg: TrainConfig, dataset: "mdata.Dataset | None" = None, steps: int = 2) -> tuple:
+    """Measure a run before starting it: ``(seconds per step, steps per epoch)`` of ``cfg``
+    on its data, the fastest of ``steps`` training steps after one warm-up step (which also
+    initialises the quantizers). Nothing is written; the data is loaded unless given."""
+    cfg = cfg.validate()
+    ds = dataset if dataset is not None else mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+    n = len(ds.x_train) - cfg.val_size
+    if cfg.train_limit is not None:
+        n = min(n, cfg.train_limit)
+    n_batch = min(cfg.batch_size, n)
+    model = nn.small_cnn(**cfg.model_config(), backend=cfg.backend, seed=cfg.seed)
+    opt = optim.SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    xb, yb = _on(cfg.backend, ds.x_train[:n_batch], ds.y_train[:n_batch])
+    rng = np.random.default_rng(cfg.seed)
+    times = []
+    with scipy_blas_single_thread():
+        for k in range(1 + steps):
+            t0 = time.perf_counter()
+            train_step(model, opt, mdata.normalize(xb, array_module(xb)), yb, rng, cfg, k)
+            times.append(time.perf_counter() - t0)
+    return min(times[1:]), max(n // cfg.batch_size, 1)
+
+
 def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
     """One step: two views forward, CE + beta * L_reg, closed-form backward, SGD update.
 
@@ -631,11 +654,11 @@ class _Progress:
             self._print(text)
 
     def _print(self, text):
-        if self._bar is not None:
-            self._bar.clear()
-        print(text, file=sys.stderr, flush=True)
-        if self._bar is not None:
-            self._bar.refresh()
+        if self.tty:   # above every open bar (a grid's too), which tqdm redraws below it
+            from tqdm import tqdm
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def step(self, epoch, epochs, i, n, sums, elapsed):
         if not self.on:
@@ -667,10 +690,9 @@ class _Progress:
             self._bar = None
         self._last = time.perf_counter()
         val = f" val {row['val_acc']:.4f}" if row["val_acc"] is not None else ""
-        print(f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} (ce {row['ce']:.4f} reg "
-              f"{row['reg']:.4f}) train {row['train_acc']:.4f}{val} test {row['test_acc']:.4f} "
-              f"{row['seconds']:.1f}s {row['samples_per_s']:.0f} samples/s",
-              file=sys.stderr, flush=True)
+        self._print(f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} (ce {row['ce']:.4f} "
+                    f"reg {row['reg']:.4f}) train {row['train_acc']:.4f}{val} test "
+                    f"{row['test_acc']:.4f} {row['seconds']:.1f}s {row['samples_per_s']:.0f} samples/s")
 
     def close(self):
         if self._bar is not None:

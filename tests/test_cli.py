@@ -168,3 +168,50 @@ def test_version_comes_from_the_package_metadata(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"mecref {mecref.__version__}"
+
+
+GRID = ["table", "--bits", "W2A2", "--forms", "exact", "--epochs", "1", "--train-limit", "128",
+        "--batch-size", "32", "--width", "4", "8", "8", "--workers", "1"]
+
+
+def test_a_dry_run_prices_the_grid_and_a_table_says_where_its_files_went(tmp_path, capsys):
+    from mecref.experiments import estimate_seconds, load_runs
+    out = tmp_path / "grid"
+    # before anything ran: every cell priced from a measured step, nothing written
+    assert cli.main([*GRID, "--out", str(out), "--seeds", "0", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-3] == "6 cells: 0 cached, 6 to run"
+    assert lines[-2].startswith("estimated time: ~") and "6 from a measured step" in lines[-2]
+    assert lines[-1] == "dry run: nothing was trained or written" and not out.exists()
+    assert cli.main([*GRID, "--out", str(out), "--seeds", "0", "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    assert printed.out.strip().splitlines()[-1] == (
+        f"wrote results.csv, results.json in {out} (each cell: runs/<key>.json, checkpoints/<key>/)")
+    assert (out / "results.csv").is_file() and (out / "results.json").is_file()
+    # seed 1 of the same configurations: priced from seed 0's recorded times
+    recs = load_runs(out)
+    assert len(recs) == 6
+    from mecref.experiments import cell_config, main_grid
+    cells = [cell_config(c, 1) for c in main_grid(epochs=1, bits=[(2, 2)], forms=["exact"],
+                                                  train_limit=128, batch_size=32, width=(4, 8, 8))]
+    est = estimate_seconds(cells, out)
+    assert est["from_cache"] == 6 and est["measured"] == 0
+    assert est["seconds"] == pytest.approx(sum(r["seconds"] for r in recs))
+    assert cli.main([*GRID, "--out", str(out), "--seeds", "0", "1", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-3] == "12 cells: 6 cached, 6 to run" and "6 from cached cells' times" in lines[-2]
+    assert f"~{est['seconds']:.0f} s on 1 worker (" in lines[-2]
+
+
+def test_a_grid_on_a_terminal_gets_a_tqdm_bar_of_cells(tmp_path, monkeypatch):
+    from mecref.experiments import main_grid, run_grid
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    configs = main_grid(epochs=1, bits=[(2, 2)], forms=[], train_limit=128, batch_size=32,
+                        width=(4, 8, 8))[:2]
+    run_grid(configs, [0], tmp_path, workers=1, progress=True)
+    text = err.getvalue()
+    assert text.startswith("grid: 2 cells, 0 cached, 2 to run (1 worker)\n")
+    assert "grid:   0%|" in text and "| 0/2 [" in text and "0 cached" in text
+    assert "[2/2] W2A2 STE seed 0: test" in text and "0 left" in text
