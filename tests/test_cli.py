@@ -215,3 +215,13 @@ def test_a_grid_on_a_terminal_gets_a_tqdm_bar_of_cells(tmp_path, monkeypatch):
     assert text.startswith("grid: 2 cells, 0 cached, 2 to run (1 worker)\n")
     assert "grid:   0%|" in text and "| 0/2 [" in text and "0 cached" in text
     assert "[2/2] W2A2 STE seed 0: test" in text and "0 left" in text
+
+
+def test_the_gpu_hint_is_the_install_that_works_from_here(tmp_path, monkeypatch):
+    from mecref.backend import install_hint
+    monkeypatch.chdir(ROOT)               # mecref is imported from this clone (tests run in it)
+    assert 'python3 -m pip install -e ".[gpu]"' in install_hint()
+    monkeypatch.chdir(tmp_path)
+    assert f'python3 -m pip install -e "{ROOT}[gpu]"' in install_hint()
+    flags = cli._flag_names(cli.build_parser()._subparsers._group_actions[0].choices["train"])
+    assert cli._in_flags(install_hint(), flags).endswith("or use --backend numpy")
