@@ -337,7 +337,7 @@ def _add_export(sub):
                        "graph, with BatchNorm, ReLU and each next layer's input quantizer folded "
                        "into a fixed-point requantisation (one .npz, its graph also as .json "
                        "beside it). See docs/export.md.")
-    p.add_argument("checkpoint", help="training checkpoint: last.npz from `mecref train --checkpoint-dir`")
+    p.add_argument("checkpoint", help="training checkpoint: last.npz in the run folder of `mecref train`")
     p.add_argument("--out", required=True, help="model file to write: .npz (--format int) or .onnx (--format onnx)")
     p.add_argument("--format", choices=["int", "onnx"], default="int",
                    help="int: mecref's integer model; onnx: a standard ONNX graph in QDQ form, "
