@@ -28,7 +28,8 @@ def _add_train(sub):
     p = sub.add_parser("train", help="train the small CNN with QAT and an entropy regulariser",
                        description="Train the small CNN on the bundled Fashion-MNIST subset (or a "
                        "full IDX dataset) with quantization-aware training and the MEC-Quant "
-                       "regulariser; prints a progress line per epoch and a summary table.")
+                       "regulariser. Progress goes to stderr; the per-epoch table, a summary line and "
+                       "where the run folder went (runs/<date-time> by default) to stdout.")
     from . import schemes
     p.add_argument("--quantizer", choices=list(QUANTIZERS), default=d.quantizer,
                    help="fake quantizer: fp32 (none); "
