@@ -189,6 +189,7 @@ def _grid_common(args) -> dict:
         raise MecrefError(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}")
     if getattr(args, "workers", 1) < 1:
         raise MecrefError(f"--workers must be at least 1, got {args.workers}")
+    _check_data_flags(args.dataset or "bundled", args.data_dir)
     names = ("dataset", "data_dir", "backend", "batch_size", "lr", "train_limit", "width",
              "pretrain_epochs", "pretrain_lr")
     common = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
@@ -381,6 +382,7 @@ def _add_eval_int(sub):
 
 def _run_eval_int(args):
     from .export import evaluate_int, markdown_comparison
+    _check_data_flags(args.dataset, args.data_dir)
     print(markdown_comparison(evaluate_int(args.model, checkpoint=args.checkpoint, dataset=args.dataset,
                                            data_dir=args.data_dir, limit=args.limit)))
     return 0
@@ -404,6 +406,7 @@ def _add_eval_onnx(sub):
 
 def _run_eval_onnx(args):
     from .onnx_export import evaluate_onnx, markdown_onnx
+    _check_data_flags(args.dataset, args.data_dir)
     print(markdown_onnx(evaluate_onnx(args.model, checkpoint=args.checkpoint, int_model=args.int_model,
                                       dataset=args.dataset, data_dir=args.data_dir, limit=args.limit)))
     return 0

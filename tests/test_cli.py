@@ -225,3 +225,26 @@ def test_the_gpu_hint_is_the_install_that_works_from_here(tmp_path, monkeypatch)
     assert f'python3 -m pip install -e "{ROOT}[gpu]"' in install_hint()
     flags = cli._flag_names(cli.build_parser()._subparsers._group_actions[0].choices["train"])
     assert cli._in_flags(install_hint(), flags).endswith("or use --backend numpy")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["table", "--out", "o", "--dataset", "idx", "--dry-run"], "--dataset idx needs --data-dir DIR"),
+    (["sweep", "--out", "o", "--data-dir", "d", "--dry-run"], "--dataset bundled reads the subset"),
+    (["eval-int", "m.npz", "--dataset", "idx"], "--dataset idx needs --data-dir DIR"),
+])
+def test_every_verb_checks_its_data_flags_in_its_words(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_progress_interval_is_checked(monkeypatch):
+    from mecref.train import progress_seconds
+    monkeypatch.setenv("MECREF_PROGRESS_SECONDS", "2.5")
+    assert progress_seconds() == 2.5
+    for bad in ("x", "-1", "nan"):
+        monkeypatch.setenv("MECREF_PROGRESS_SECONDS", bad)
+        with pytest.raises(MecrefError, match=f"MECREF_PROGRESS_SECONDS must be a number of seconds >= 0, got '{bad}'"):
+            progress_seconds()
