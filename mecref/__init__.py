@@ -17,7 +17,19 @@ if "numpy" not in _sys.modules:
 
 from .backend import BackendUnavailableError, MecrefError  # noqa: E402
 
-__version__ = "0.1.0"
+
+
+def _package_version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source); "unknown"
+    when mecref is imported from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("mecref")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _package_version()
 
 
 def train_small_cnn(*args, **kwargs):

@@ -24,11 +24,22 @@ __all__ = [
 
 BACKENDS = ("numpy", "cupy")
 
-_INSTALL_HINT = (
-    "install the GPU extra with `pip install 'mecref[gpu]'` (CuPy for CUDA 12; "
-    "use cupy-cuda13x for CUDA 13) on a machine with an NVIDIA GPU and driver, "
-    "or use backend='numpy'"
-)
+def install_hint() -> str:
+    """How to get CuPy, in the form that works from where the user is: from a clone of the
+    repository (mecref imported from a source tree with its pyproject.toml) the editable
+    install of the ``gpu`` extra, with the clone's path unless it is the current folder;
+    otherwise the extra of the installed package."""
+    import os
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        where = "." if Path(os.getcwd()).resolve() == root else str(root)
+        cmd = f'python3 -m pip install -e "{where}[gpu]"'
+    else:
+        cmd = 'python3 -m pip install "mecref[gpu]"'
+    return (f"install the GPU extra with `{cmd}` (CuPy for CUDA 12; for CUDA 13 "
+            f"`python3 -m pip install cupy-cuda13x`) on a machine with an NVIDIA GPU and driver, "
+            f"or use backend='numpy'")
 
 
 class MecrefError(ValueError):
@@ -51,7 +62,7 @@ def _import_cupy():
     try:
         import cupy  # the only import of cupy in mecref
     except Exception as exc:  # ImportError, or a broken CUDA library underneath
-        msg = f"backend='cupy' needs CuPy, which could not be imported ({exc!r}); {_INSTALL_HINT}"
+        msg = f"backend='cupy' needs CuPy, which could not be imported ({exc!r}); {install_hint()}"
         _cupy_state["error"] = msg
         raise BackendUnavailableError(msg) from None
     try:
@@ -61,7 +72,7 @@ def _import_cupy():
         cupy.zeros(1).sum().item()  # touches the driver and the kernel compiler
     except Exception as exc:
         msg = (f"backend='cupy': CuPy {cupy.__version__} is installed but no CUDA device is "
-               f"usable ({type(exc).__name__}: {exc}); {_INSTALL_HINT}")
+               f"usable ({type(exc).__name__}: {exc}); {install_hint()}")
         _cupy_state["error"] = msg
         raise BackendUnavailableError(msg) from None
     _cupy_state["module"] = cupy

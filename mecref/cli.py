@@ -3,10 +3,12 @@ done by library functions that Python code can call the same way."""
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 from .backend import MecrefError
 
@@ -27,7 +29,8 @@ def _add_train(sub):
     p = sub.add_parser("train", help="train the small CNN with QAT and an entropy regulariser",
                        description="Train the small CNN on the bundled Fashion-MNIST subset (or a "
                        "full IDX dataset) with quantization-aware training and the MEC-Quant "
-                       "regulariser; prints a progress line per epoch and a summary table.")
+                       "regulariser. Progress goes to stderr; the per-epoch table, a summary line and "
+                       "where the run folder went (runs/<date-time> by default) to stdout.")
     from . import schemes
     p.add_argument("--quantizer", choices=list(QUANTIZERS), default=d.quantizer,
                    help="fake quantizer: fp32 (none); "
@@ -37,10 +40,11 @@ def _add_train(sub):
     p.add_argument("--a-bits", type=int, default=d.a_bits, help="activation bits of the inner layers, 1..8 (default: %(default)s)")
     p.add_argument("--first-last-bits", type=int, default=d.first_last_bits,
                    help="bits of the first conv and the last linear layer, 1..8 or 32 (default: %(default)s)")
-    p.add_argument("--reg", choices=["none", *regularizers.names()], default=d.reg or "none",
-                   help="entropy regulariser on the penultimate features of two views: none; "
-                        + "; ".join(f"{r.name}: {r.help}" for r in regularizers.REGISTRY.values())
-                        + " (default: %(default)s)")
+    p.add_argument("--reg", choices=["none", *regularizers.names()], default=None, type=_none_spelling,
+                   help="entropy regulariser on the penultimate features of two views: none (or "
+                        "None); " + "; ".join(f"{r.name}: {r.help}" for r in regularizers.REGISTRY.values())
+                        + f" (default: {d.reg}; with --quantizer fp32: none, a full-precision "
+                        "run has no regulariser unless one is asked for)")
     p.add_argument("--reg-at", choices=PLACEMENTS, default=d.reg_at,
                    help="where the regulariser acts: features (the penultimate features), or "
                         "blocks (also the pooled outputs of the two inner conv blocks, at the "
@@ -69,35 +73,79 @@ def _add_train(sub):
                         "QAT protocol; 0: from scratch) (default: %(default)s)")
     p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr,
                    help="peak learning rate of that FP32 pretraining (default: %(default)s)")
-    p.add_argument("--checkpoint-dir", default=None, help="write last.npz (+ .json) here after every epoch")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    p.add_argument("--out", "--checkpoint-dir", dest="out", default=None, metavar="DIR",
+                   help="the run folder: config.json, history.csv/.json and curves.png (after "
+                        "every epoch), the checkpoint last.npz, summary.txt (default: "
+                        "runs/<--name>, or runs/<date-time> without a name)")
+    p.add_argument("--name", default=None, help="name of the run: its folder is runs/NAME")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (or runs/--name)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a checkpoint already in --checkpoint-dir (without it, refused)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+                   help="replace a checkpoint already in the run folder (without it, refused)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output on stderr (the results still go to stdout)")
     p.set_defaults(func=_run_train)
 
 
+def _none_spelling(text):
+    """'none' and Python's 'None' both mean no regulariser."""
+    return "none" if text.strip().lower() == "none" else text
+
+
+_TRAIN_FIELDS = ("quantizer", "w_bits", "a_bits", "first_last_bits", "reg_weight", "eps", "order",
+                 "experts", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                 "warmup_epochs", "dataset", "data_dir", "val_size", "train_limit", "seed",
+                 "backend", "init_from", "pretrain_epochs", "pretrain_lr", "reg_at")
+
+
 def _run_train(args):
-    from .train import train_small_cnn
-    if args.resume and args.checkpoint_dir is None:
-        raise MecrefError("--resume needs --checkpoint-dir, the folder of the run to continue")
-    result = train_small_cnn(
-        quantizer=args.quantizer, w_bits=args.w_bits, a_bits=args.a_bits,
-        first_last_bits=args.first_last_bits, reg=None if args.reg == "none" else args.reg,
-        reg_weight=args.reg_weight, eps=args.eps, order=args.order, experts=args.experts,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, dataset=args.dataset,
-        data_dir=args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
-        seed=args.seed, backend=args.backend, init_from=args.init_from,
-        pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr, reg_at=args.reg_at,
-        progress=not args.quiet, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-        overwrite=args.overwrite)
+    from . import runlog
+    from .train import TrainConfig, _resolve_config, train_small_cnn
+    if args.out is not None and args.name is not None:
+        raise MecrefError(f"give --out DIR or --name NAME (the folder runs/NAME), not both; "
+                          f"got --out {args.out} --name {args.name}")
+    if args.resume and args.out is None and args.name is None:
+        raise MecrefError("--resume needs --out DIR (or --name NAME), the folder of the run to continue")
+    fields = {k: getattr(args, k) for k in _TRAIN_FIELDS}
+    if args.reg is not None:        # not given: TrainConfig's default (none for fp32)
+        fields["reg"] = None if args.reg == "none" else args.reg
+    _check_data_flags(args.dataset, args.data_dir)
+    cfg, _ = _resolve_config(TrainConfig(**fields), None, {})   # checked before any folder is made
+    out = Path(args.out) if args.out is not None else runlog.default_run_dir(args.name)
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        result = train_small_cnn(cfg, progress=not args.quiet, out=out, resume=args.resume,
+                                 overwrite=args.overwrite)
+    except BaseException:
+        for p in made:              # a run that failed before writing anything leaves no folder
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
     print(result.summary())
-    c = result.config
-    name = "FP32" if c["quantizer"] == "fp32" else f"W{c['w_bits']}A{c['a_bits']} {c['quantizer']}"
-    print(f"\n{name} reg={c['reg']}: test accuracy {result.test_acc:.4f} "
-          f"({result.seconds:.1f} s, {len(result.history)} epochs)")
+    print()
+    print(result.headline())
+    names = [Path(p).name for p in result.files.values()]
+    print(f"run folder: {out} ({', '.join(names)})")
     return 0
+
+
+def _check_data_flags(dataset, data_dir):
+    """The data flags together, in the command's words (before anything is read)."""
+    from .data import DEBIAN_FASHION_MNIST_DIR
+    if dataset == "bundled" and data_dir is not None:
+        raise MecrefError(f"--dataset bundled reads the subset inside the package and takes no "
+                          f"--data-dir, got --data-dir {data_dir}; use --dataset fashion-mnist "
+                          f"or --dataset idx with it")
+    if dataset == "idx" and data_dir is None:
+        raise MecrefError("--dataset idx needs --data-dir DIR, a folder with the four IDX files "
+                          "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                          "t10k-labels-idx1-ubyte, each may be .gz)")
+    if dataset == "fashion-mnist" and data_dir is None and not Path(DEBIAN_FASHION_MNIST_DIR).is_dir():
+        raise MecrefError(f"--dataset fashion-mnist needs --data-dir DIR, a folder with the four "
+                          f"Fashion-MNIST IDX files (docs/data.md says where to get them), or the "
+                          f"Debian package dataset-fashion-mnist ({DEBIAN_FASHION_MNIST_DIR}), "
+                          f"which is not installed")
 
 
 def _bits_pair(text):
@@ -160,6 +208,7 @@ def _grid_common(args) -> dict:
         raise MecrefError(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}")
     if getattr(args, "workers", 1) < 1:
         raise MecrefError(f"--workers must be at least 1, got {args.workers}")
+    _check_data_flags(args.dataset or "bundled", args.data_dir)
     names = ("dataset", "data_dir", "backend", "batch_size", "lr", "train_limit", "width",
              "pretrain_epochs", "pretrain_lr")
     common = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
@@ -184,7 +233,9 @@ def _add_table(sub):
     p.add_argument("--forms", nargs="+", default=None, metavar="FORM",
                    help='MEC-Quant forms of the main grid, by label (e.g. exact "Taylor n=4" "MOE K=4"; '
                         "default: all of mecref.experiments.FORMS)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and which are cached; train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells, which are cached, and how long the rest will take (from "
+                        "the cached cells' times or a measured step); train and write nothing")
     p.set_defaults(func=_run_table)
 
 
@@ -221,7 +272,16 @@ def _run_table(args):
         print(run_table(args.grid, args.seeds, args.out, workers=args.workers,
                         progress=not args.quiet, dry_run=args.dry_run, from_sweep=args.from_sweep,
                         client=client, **kw))
+    _print_written(args, ["sweep.png", "best_settings.json"] if args.grid == "sweep" else [])
     return 0
+
+
+def _print_written(args, extra):
+    """The last line of a grid verb: where its files went."""
+    if args.dry_run:
+        return
+    names = ", ".join(["results.csv", "results.json", *extra])
+    print(f"\nwrote {names} in {args.out} (each cell: runs/<key>.json, checkpoints/<key>/)")
 
 
 def _add_sweep(sub):
@@ -241,7 +301,9 @@ def _add_sweep(sub):
     p.add_argument("--orders", type=int, nargs="+", default=[4], help="Taylor orders, a form each (default: %(default)s)")
     p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="MOE expert counts, a form each (default: %(default)s)")
     p.add_argument("--bits", type=_bits_pair, default=(2, 2), help="bit-width, e.g. W2A4 (default: W2A2)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and which are cached; train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells, which are cached, and how long the rest will take (from "
+                        "the cached cells' times or a measured step); train and write nothing")
     p.set_defaults(func=_run_sweep)
 
 
@@ -255,6 +317,7 @@ def _run_sweep(args):
                         reg_weights=args.reg_weights, eps_values=args.eps_values, forms=forms,
                         w_bits=args.bits[0], a_bits=args.bits[1], val_size=args.val_size,
                         client=client, **_grid_common(args)))
+    _print_written(args, ["sweep.png", "best_settings.json"])
     return 0
 
 
@@ -288,7 +351,8 @@ def _run_diagnose(args):
                        reg=args.reg, settings=args.settings, from_sweep=args.from_sweep,
                        progress=not args.quiet, client=client, **_grid_common(args))
     print(markdown_diagnostics(res["table"]))
-    print(f"\nwrote {args.out}/diagnostics.json, diagnostics.png and spectra_*.png")
+    print(f"\nwrote diagnostics.json, diagnostics.png and spectra_*.png in {args.out} "
+          f"(each model: runs/<key>.json, checkpoints/<key>/)")
     return 0
 
 
@@ -299,7 +363,7 @@ def _add_export(sub):
                        "graph, with BatchNorm, ReLU and each next layer's input quantizer folded "
                        "into a fixed-point requantisation (one .npz, its graph also as .json "
                        "beside it). See docs/export.md.")
-    p.add_argument("checkpoint", help="training checkpoint: last.npz from `mecref train --checkpoint-dir`")
+    p.add_argument("checkpoint", help="training checkpoint: last.npz in the run folder of `mecref train`")
     p.add_argument("--out", required=True, help="model file to write: .npz (--format int) or .onnx (--format onnx)")
     p.add_argument("--format", choices=["int", "onnx"], default="int",
                    help="int: mecref's integer model; onnx: a standard ONNX graph in QDQ form, "
@@ -342,6 +406,7 @@ def _add_eval_int(sub):
 
 def _run_eval_int(args):
     from .export import evaluate_int, markdown_comparison
+    _check_data_flags(args.dataset, args.data_dir)
     print(markdown_comparison(evaluate_int(args.model, checkpoint=args.checkpoint, dataset=args.dataset,
                                            data_dir=args.data_dir, limit=args.limit)))
     return 0
@@ -365,6 +430,7 @@ def _add_eval_onnx(sub):
 
 def _run_eval_onnx(args):
     from .onnx_export import evaluate_onnx, markdown_onnx
+    _check_data_flags(args.dataset, args.data_dir)
     print(markdown_onnx(evaluate_onnx(args.model, checkpoint=args.checkpoint, int_model=args.int_model,
                                       dataset=args.dataset, data_dir=args.data_dir, limit=args.limit)))
     return 0
@@ -373,6 +439,8 @@ def _run_eval_onnx(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mecref", description="MEC-Quant reference: maximum entropy coding for "
                      "low-bit quantization-aware training, in NumPy with hand-derived gradients.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"mecref {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_train(sub)
@@ -382,7 +450,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_eval_int(sub)
     _add_eval_onnx(sub)
+    for command in sub.choices.values():
+        command.set_defaults(flags=_flag_names(command))
     return parser
+
+
+def _flag_names(parser) -> dict:
+    """Python argument name -> the command's flag (``w_bits`` -> ``--w-bits``)."""
+    flags = {}
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest not in ("help", "flags"):
+            flags[action.dest] = longs[0]
+    if flags.get("out") == "--out":
+        flags.setdefault("checkpoint_dir", "--out")
+    return flags
+
+
+def _in_flags(message: str, flags: dict) -> str:
+    """A library message in the command's words: an argument's Python name becomes its flag
+    where the name is what the message is about (``w_bits must ...``, ``epochs (3)``,
+    ``data_dir='x'``, ``resume=True``), so the user reads ``--w-bits must be an integer in
+    1..8, got 16``."""
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+
+    def flag(m):
+        f = flags[m.group(1)]
+        value = m.group(2)
+        if value == "True":
+            return f
+        if value == "None":
+            return f"no {f}"
+        return f"{f} {value.strip(chr(39))}"
+
+    text = re.sub(rf"(?<![\w'\-./])({names})(?:=('[^']*'|[^\s,;)]+))",
+                  flag, message)
+    text = re.sub(rf"(?<![\w'\-./])({names})(?=( must| \(| needs | takes | '))",
+                  lambda m: flags[m.group(1)], text)
+    return re.sub(r"\((--[\w-]+), \1\)", r"(\1)", text)
 
 
 def _sigterm_as_interrupt():
@@ -410,7 +517,7 @@ def _dispatch(args):
     try:
         return args.func(args)
     except (MecrefError, TypeError) as exc:
-        print(f"mecref: error: {exc}", file=sys.stderr)
+        print(f"mecref: error: {_in_flags(str(exc), getattr(args, 'flags', {}))}", file=sys.stderr)
         return 2
     except OSError as exc:       # a full disk, a read-only folder, ...: one line, no traceback
         print(f"mecref: error: {exc}", file=sys.stderr)

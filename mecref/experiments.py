@@ -492,18 +492,27 @@ def _write_json_atomic(path: Path, obj):
 
 
 class _GridProgress:
-    """One line per finished cell: which, accuracy, time, how many are left, a rough ETA."""
+    """Progress of a grid on stderr: on a terminal a tqdm bar of cells (done of all, cached,
+    ETA) with a line per finished cell above it; elsewhere the line per finished cell alone
+    (which cell, accuracy, time, how many are left, a rough ETA)."""
 
     def __init__(self, progress, total, cached):
         self.fn = progress if callable(progress) else None
         self.on = progress is True
-        self.total, self.finished = total, cached
+        self.total, self.finished, self.cached = total, cached, cached
         self.t0, self.ran = time.perf_counter(), 0
+        self.bar = None
 
     def start(self, n_todo, workers):
-        if self.on:
-            print(f"grid: {self.total} cells, {self.finished} cached, {n_todo} to run "
-                  f"({workers} worker{'s' if workers > 1 else ''})", file=sys.stderr, flush=True)
+        if not self.on:
+            return
+        print(f"grid: {self.total} cells, {self.finished} cached, {n_todo} to run "
+              f"({workers} worker{'s' if workers > 1 else ''})", file=sys.stderr, flush=True)
+        if sys.stderr.isatty() and n_todo:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=self.finished, desc="grid", unit="cell",
+                            file=sys.stderr, dynamic_ncols=True, position=0,
+                            postfix=f"{self.cached} cached")
 
     def done(self, rec):
         self.finished += 1
@@ -521,8 +530,16 @@ class _GridProgress:
                     f"{np.mean(rec['seconds_per_epoch']):.1f} s/epoch, {rec['seconds']:.0f} s")
         else:
             what = f"DIVERGED ({rec['error']})"
-        print(f"[{self.finished}/{self.total}] {rec['bits']} {rec['label']} seed {rec['seed']}: "
-              f"{what}; {left} left, ~{eta / 60:.1f} min to go", file=sys.stderr, flush=True)
+        line = (f"[{self.finished}/{self.total}] {rec['bits']} {rec['label']} seed {rec['seed']}: "
+                f"{what}; {left} left, ~{eta / 60:.1f} min to go")
+        if self.bar is None:
+            print(line, file=sys.stderr, flush=True)
+            return
+        self.bar.write(line, file=sys.stderr)
+        self.bar.update(1)
+        if self.finished >= self.total:
+            self.bar.close()
+            self.bar = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1046,7 +1063,7 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
         header = f"MEC-Quant settings from the sweep in {from_sweep}: {json.dumps(settings)}\n\n"
     configs = (main_grid if grid == "main" else sweep_grid)(**grid_kwargs)
     if dry_run:
-        return header + _dry_run(configs, seeds, out_dir)
+        return header + _dry_run(configs, seeds, out_dir, workers)
     records = run_grid(configs, seeds, out_dir, workers=workers, progress=progress, client=client)
     rows = write_results(out_dir, configs)
     text = header + markdown_table(rows)
@@ -1065,19 +1082,90 @@ def run_table(grid: str, seeds, out_dir, workers: int = 2, progress=True, dry_ru
     return text
 
 
-def _dry_run(configs, seeds, out_dir) -> str:
+def _dry_run(configs, seeds, out_dir, workers=2) -> str:
     out = Path(out_dir)
-    lines, n_cached = [], 0
+    lines, todo, n_cached = [], [], 0
     for c in configs:
         for s in seeds:
             full = cell_config(c, s)
             key = _digest(full)
             cached = _load_record(out / "runs" / f"{key}.json", full) is not None
             n_cached += cached
+            if not cached:
+                todo.append(full)
             lines.append(f"{key}  {'cached' if cached else 'to run'}  {bits_label(full)} "
                          f"{method_label(full)} seed {s}")
     total = len(configs) * len(seeds)
-    return "\n".join(lines + [f"{total} cells: {n_cached} cached, {total - n_cached} to run"])
+    lines.append(f"{total} cells: {n_cached} cached, {total - n_cached} to run")
+    if todo:
+        lines.append(_estimate_text(estimate_seconds(todo, out), workers, len(todo)))
+    return "\n".join(lines + ["dry run: nothing was trained or written"])
+
+
+def estimate_seconds(cells, out_dir) -> dict:
+    """How long the given cells (full configurations, as :func:`cell_config` makes them) will
+    take to train, roughly: each cell from the times of the cached cells of its configuration
+    (other seeds) in ``out_dir``, else from a measured step of its kind
+    (:func:`mecref.train.time_step`, once per kind: quantizer, regulariser, width, batch,
+    data) times its steps; the FP32 pretrainings the cells need and that are not cached are
+    added. Returns ``dict(seconds, from_cache, measured)``: the total and how many cells each
+    source priced."""
+    from .train import TrainConfig, time_step
+    out = Path(out_dir)
+    by_group = {}
+    for path in sorted((out / "runs").glob("*.json")) if (out / "runs").is_dir() else []:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "ok" and isinstance(rec.get("seconds"), (int, float)):
+            by_group.setdefault(rec.get("group"), []).append(float(rec["seconds"]))
+    jobs, pre_seen = [], set()
+    for full in cells:
+        if full.get("pretrain_epochs"):
+            pre = pretrain_cell(full)
+            pkey = _digest(pre)
+            if pkey not in pre_seen and _load_record(out / "runs" / f"{pkey}.json", pre) is None:
+                pre_seen.add(pkey)
+                jobs.append(pre)
+        jobs.append(full)
+    measured_steps, seconds, n_cache, n_meas = {}, 0.0, 0, 0
+    for full in jobs:
+        times = by_group.get(group_key(full))
+        if times:
+            seconds += float(np.mean(times))
+            n_cache += 1
+            continue
+        kind = json.dumps([full.get(k) for k in ("quantizer", "reg", "order", "experts", "reg_at", "width",
+                                           "batch_size", "backend", "dataset", "data_dir",
+                                           "train_limit", "val_size")])
+        if kind not in measured_steps:
+            cfg = TrainConfig(**full)
+            measured_steps[kind] = time_step(cfg, _dataset(cfg.dataset, cfg.data_dir))
+        per_step, steps_per_epoch = measured_steps[kind]
+        seconds += per_step * steps_per_epoch * full["epochs"]
+        n_meas += 1
+    return dict(seconds=seconds, from_cache=n_cache, measured=n_meas)
+
+
+def _estimate_text(est, workers, n_cells) -> str:
+    w = max(1, min(int(workers), n_cells))
+    sources = []
+    if est["from_cache"]:
+        sources.append(f"{est['from_cache']} from cached cells' times")
+    if est["measured"]:
+        sources.append(f"{est['measured']} from a measured step")
+    return (f"estimated time: ~{_duration(est['seconds'] / w)} on {w} worker{'s' if w > 1 else ''} "
+            f"({_duration(est['seconds'])} of training in all; {', '.join(sources)}; rough: "
+            f"evaluation and other work on the machine add to it)")
+
+
+def _duration(seconds) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def model_from_checkpoint(path, backend: str = "numpy"):

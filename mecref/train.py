@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as mdata
-from . import losses, nn, optim, regularizers, schemes
+from . import losses, nn, optim, regularizers, runlog, schemes
 from .backend import (MecrefError, array_module, backend_name, get_xp,
                       scipy_blas_single_thread, to_backend, to_host)
 from .checkpoint import CheckpointError, load_checkpoint, run_folder, save_checkpoint
@@ -38,6 +38,7 @@ __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "train_small_c
            "loss_and_grads", "evaluate", "QUANTIZERS", "REGULARIZERS"]
 
 PLACEMENTS = ("features", "blocks")
+DEFAULT_REG = "mec_taylor"   # the regulariser of a quantized run that names none
 TAPS = {"features": (), "blocks": ("pool1", "pool2")}  # inner block outputs the term also reads
 
 
@@ -75,7 +76,8 @@ class TrainConfig:
     w_bits: int = 2                 # weight bits of the inner layers (1..8)
     a_bits: int = 2                 # activation bits of the inner layers (1..8)
     first_last_bits: int = 8        # bits of the first conv and the last linear (32 = FP)
-    reg: str | None = "mec_taylor"  # None or a name in mecref.regularizers.REGISTRY
+    reg: str | None = "default"     # None or a name in mecref.regularizers.REGISTRY; by
+    #                                 default mec_taylor, and None for quantizer="fp32"
     reg_weight: float = 0.2         # beta (defaults: the sweep in docs/results.md)
     eps: float = 8.0                # distortion epsilon (not squared) of the coding length
     order: int = 4                  # Taylor order for reg="mec_taylor"
@@ -97,6 +99,14 @@ class TrainConfig:
     pretrain_epochs: int = 0        # >0: FP32 epochs first, then this run starts from them
     pretrain_lr: float = 0.1        # the peak learning rate of that FP32 pretraining
     reg_at: str = "features"        # "features", or "blocks": also the inner blocks' outputs
+
+    def __post_init__(self):
+        # a full-precision run has no regulariser unless one is asked for; any other run has
+        # the main job's (the Taylor form); "none" is None's spelling on the command line
+        if self.reg == "default":
+            self.reg = None if self.quantizer == "fp32" else DEFAULT_REG
+        elif isinstance(self.reg, str) and self.reg.lower() == "none":
+            self.reg = None
 
     def validate(self):
         check_choice("quantizer", self.quantizer, tuple(QUANTIZERS))
@@ -179,6 +189,12 @@ class TrainResult:
     model: object = field(repr=False)
     checkpoint: str | None = None
     seconds: float = 0.0
+    out: str | None = None          # the run folder, when one was asked for (``out=``)
+    files: dict = field(default_factory=dict)  # what was written there: name -> path
+
+    def headline(self) -> str:
+        """One line: the method and its settings, the final accuracy, epochs and time."""
+        return runlog.summary_line(self.config, self.history, self.seconds)
 
     def summary(self) -> str:
         """A Markdown table of the per-epoch history."""
@@ -193,33 +209,48 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def train_small_cnn(config: TrainConfig | None = None, *, progress=True, checkpoint_dir=None,
-                    resume=False, overwrite=False, dataset: "mdata.Dataset | None" = None,
-                    **overrides) -> TrainResult:
+def train_small_cnn(config: TrainConfig | None = None, *, progress=True, out=None,
+                    checkpoint_dir=None, resume=False, overwrite=False,
+                    dataset: "mdata.Dataset | None" = None, **overrides) -> TrainResult:
     """Train the small CNN with quantization-aware training and an entropy regulariser.
 
     ``train_small_cnn(w_bits=2, a_bits=2, quantizer="lsq", reg="mec")``; any
-    :class:`TrainConfig` field can be passed by name. With ``checkpoint_dir`` a checkpoint is
-    written atomically after every epoch (``last.npz``); with ``resume=True`` a run picks up
-    from it and ends with the same parameters as an uninterrupted run (NumPy backend). The
-    folder is held for the run (:func:`mecref.checkpoint.run_folder`): checked writable first,
-    locked against a second run, and a checkpoint already there is refused without ``resume``
-    unless ``overwrite``.
+    :class:`TrainConfig` field can be passed by name (``quantizer="fp32"`` without ``reg``
+    trains without a regulariser).
+
+    Nothing is written unless asked. With ``out`` (a folder) the run folder of
+    :mod:`mecref.runlog` is written there: config, history (CSV and JSON) and curves (PNG)
+    after every epoch, the checkpoint, and a one-line summary at the end; ``result.files``
+    names each. With ``checkpoint_dir`` only the checkpoint is written (``last.npz``, after
+    every epoch, atomically). With ``resume=True`` a run picks up from the checkpoint in
+    either folder and ends with the same parameters as an uninterrupted run (NumPy backend).
+    The folder is held for the run (:func:`mecref.checkpoint.run_folder`): checked writable
+    first, locked against a second run, and a checkpoint already there is refused without
+    ``resume`` unless ``overwrite``. The configuration is checked before the folder is made.
+
+    progress : bool or callable
+        True: a progress bar on stderr when it is a terminal, else a plain line every
+        ``MECREF_PROGRESS_SECONDS`` seconds (default 30) and one per epoch; a callable gets
+        each epoch's history row instead; False: silent.
 
     Returns
     -------
     TrainResult
     """
-    if resume and checkpoint_dir is None:
-        raise MecrefError("resume=True needs checkpoint_dir, the folder of the run to continue")
-    with scipy_blas_single_thread(), run_folder(checkpoint_dir, resume, overwrite):
-        return _train(config, progress, checkpoint_dir, resume, dataset, overrides)
+    if out is not None and checkpoint_dir is not None:
+        raise MecrefError("give out (the run folder) or checkpoint_dir (the checkpoint alone), "
+                          f"not both; got out={out!r}, checkpoint_dir={checkpoint_dir!r}")
+    folder = out if out is not None else checkpoint_dir
+    if resume and folder is None:
+        raise MecrefError("resume=True needs checkpoint_dir (or out), the folder of the run to continue")
+    cfg, dataset = _resolve_config(config, dataset, overrides)
+    with scipy_blas_single_thread(), run_folder(folder, resume, overwrite):
+        return _train(cfg, progress, folder, resume, dataset, run_files=out is not None)
 
 
-def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> TrainResult:
-    if config is None:
-        config = TrainConfig()
-    if not isinstance(config, TrainConfig):
+def _resolve_config(config, dataset, overrides):
+    """The validated TrainConfig of a call, and the Dataset given (or None)."""
+    if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig (or give its fields by name: "
                         f"train_small_cnn(**{{...}})), got {type(config).__name__}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -230,8 +261,15 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
     elif dataset is not None and not isinstance(dataset, mdata.Dataset):
         raise TypeError(f"dataset must be a mecref.data.Dataset or a dataset name, got "
                         f"{type(dataset).__name__}")
-    cfg = dataclasses.replace(config, **overrides).validate()
+    # without a config, the fields given build one (so quantizer="fp32" alone means no
+    # regulariser); a config given keeps its own fields where no override names them
+    cfg = TrainConfig(**overrides) if config is None else dataclasses.replace(config, **overrides)
+    cfg.validate()
     get_xp(cfg.backend)  # an unavailable backend is refused here, before any data is read
+    return cfg, dataset
+
+
+def _train(cfg, progress, checkpoint_dir, resume, dataset, run_files=False) -> TrainResult:
     report = _Progress(progress)
 
     ds = dataset if dataset is not None else mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir)
@@ -262,6 +300,9 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
 
     run_meta = dict(config=cfg.as_dict(), model_config=model.config)
     ckpt_path = Path(checkpoint_dir) / "last.npz" if checkpoint_dir is not None else None
+    files = {}
+    if run_files:
+        files["config"] = str(runlog.write_config(checkpoint_dir, run_meta["config"], model.config))
     history, start_epoch, step = [], 0, 0
     if resume and ckpt_path is not None and ckpt_path.exists():
         m_state, o_state, meta = load_checkpoint(ckpt_path, expect_config=run_meta,
@@ -283,7 +324,7 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
     elif cfg.pretrain_epochs:
         pre_dir = Path(checkpoint_dir) / "pretrain" if checkpoint_dir is not None else None
         report.line(f"FP32 pretraining: {cfg.pretrain_epochs} epochs")
-        pre = _train(cfg.pretrain_config(), progress, pre_dir, resume, ds, {})
+        pre = _train(cfg.pretrain_config(), progress, pre_dir, resume, ds)
         _copy_fp_weights(model, pre.model.state_dict(), "the FP32 pretraining")
 
     t_run = time.perf_counter()
@@ -321,14 +362,54 @@ def _train(config, progress, checkpoint_dir, resume, dataset, overrides) -> Trai
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, model.state_dict(), opt.state_dict(),
                             dict(run_meta, epoch=epoch + 1, step=step, history=history))
+        if run_files:
+            _write_run_files(checkpoint_dir, history, cfg, files)
         report.epoch_end(row, cfg.epochs)
     last = history[-1]
     result = TrainResult(config=cfg.as_dict(), history=history, test_acc=last["test_acc"],
                          val_acc=last["val_acc"], model=model,
                          checkpoint=str(ckpt_path) if ckpt_path else None,
                          seconds=time.perf_counter() - t_run)
+    if run_files:
+        if ckpt_path is not None:
+            files["checkpoint"] = str(ckpt_path)
+        if start_epoch >= cfg.epochs:  # a resumed run that had finished: nothing written yet
+            _write_run_files(checkpoint_dir, history, cfg, files)
+        files["summary"] = str(runlog.write_summary(checkpoint_dir, result.headline()))
+        result.out, result.files = str(checkpoint_dir), files
     report.close()
     return result
+
+
+def _write_run_files(folder, history, cfg, files):
+    """The run folder's history (CSV, JSON) and curves, rewritten after each epoch."""
+    csv_path, json_path = runlog.write_history(folder, history)
+    files["history_csv"], files["history_json"] = str(csv_path), str(json_path)
+    files["curves"] = str(runlog.plot_curves(history, Path(folder) / runlog.FILES["curves"],
+                                             title=runlog.method_text(cfg.as_dict())))
+
+
+def time_step(cfg: TrainConfig, dataset: "mdata.Dataset | None" = None, steps: int = 2) -> tuple:
+    """Measure a run before starting it: ``(seconds per step, steps per epoch)`` of ``cfg``
+    on its data, the fastest of ``steps`` training steps after one warm-up step (which also
+    initialises the quantizers). Nothing is written; the data is loaded unless given."""
+    cfg = cfg.validate()
+    ds = dataset if dataset is not None else mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+    n = len(ds.x_train) - cfg.val_size
+    if cfg.train_limit is not None:
+        n = min(n, cfg.train_limit)
+    n_batch = min(cfg.batch_size, n)
+    model = nn.small_cnn(**cfg.model_config(), backend=cfg.backend, seed=cfg.seed)
+    opt = optim.SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    xb, yb = _on(cfg.backend, ds.x_train[:n_batch], ds.y_train[:n_batch])
+    rng = np.random.default_rng(cfg.seed)
+    times = []
+    with scipy_blas_single_thread():
+        for k in range(1 + steps):
+            t0 = time.perf_counter()
+            train_step(model, opt, mdata.normalize(xb, array_module(xb)), yb, rng, cfg, k)
+            times.append(time.perf_counter() - t0)
+    return min(times[1:]), max(n // cfg.batch_size, 1)
 
 
 def train_step(model, opt, xb, yb, rng, cfg: TrainConfig, step: int) -> dict:
@@ -556,38 +637,77 @@ def _copy_fp_weights(model, fp_state, source):
 
 
 class _Progress:
-    """A one-line progress bar per epoch on stderr (or a callable, or nothing)."""
+    """Progress of a run on stderr (results go to stdout): on a terminal a tqdm bar per epoch
+    (steps, ETA, loss, accuracy, samples/s); elsewhere (a log file, a pipe, a batch job) a
+    plain line every ``MECREF_PROGRESS_SECONDS`` seconds (default 30) within an epoch; and one
+    line per finished epoch. ``progress`` False is silent; a callable gets each epoch's row."""
 
     def __init__(self, progress):
         self.fn = progress if callable(progress) else None
         self.on = bool(progress) and self.fn is None
         self.tty = self.on and sys.stderr.isatty()
-        self._last = 0.0
+        self.every = progress_seconds()
+        self._bar, self._last = None, time.perf_counter()
 
     def line(self, text):
         if self.on:
+            self._print(text)
+
+    def _print(self, text):
+        if self.tty:   # above every open bar (a grid's too), which tqdm redraws below it
+            from tqdm import tqdm
+            tqdm.write(text, file=sys.stderr)
+        else:
             print(text, file=sys.stderr, flush=True)
 
     def step(self, epoch, epochs, i, n, sums, elapsed):
-        if not self.tty or (time.perf_counter() - self._last < 0.2 and i < n):
+        if not self.on:
             return
-        self._last = time.perf_counter()
-        bar = "#" * int(20 * i / n) + "." * (20 - int(20 * i / n))
-        print(f"\repoch {epoch + 1}/{epochs} [{bar}] {i}/{n} loss {sums['loss'] / i:.4f} "
-              f"acc {sums['correct'] / max(sums['seen'], 1):.3f} "
-              f"{sums['seen'] / max(elapsed, 1e-9):.0f} samples/s", end="", file=sys.stderr, flush=True)
+        stats = (f"loss {sums['loss'] / i:.4f} acc {sums['correct'] / max(sums['seen'], 1):.3f} "
+                 f"{sums['seen'] / max(elapsed, 1e-9):.0f} samples/s")
+        if self.tty:
+            if self._bar is None:
+                from tqdm import tqdm
+                self._bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                                 file=sys.stderr, leave=False, dynamic_ncols=True)
+            self._bar.set_postfix_str(stats, refresh=False)
+            self._bar.update(i - self._bar.n)
+            return
+        now = time.perf_counter()
+        if now - self._last >= self.every and i < n:
+            self._last = now
+            left = elapsed / i * (n - i)
+            print(f"epoch {epoch + 1}/{epochs} step {i}/{n} ({100 * i // n}%) {stats}, "
+                  f"~{left:.0f} s left in the epoch", file=sys.stderr, flush=True)
 
     def epoch_end(self, row, epochs):
         if self.fn is not None:
             self.fn(row)
         if not self.on:
             return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._last = time.perf_counter()
         val = f" val {row['val_acc']:.4f}" if row["val_acc"] is not None else ""
-        print(("\r" if self.tty else "") +
-              f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} (ce {row['ce']:.4f} reg "
-              f"{row['reg']:.4f}) train {row['train_acc']:.4f}{val} test {row['test_acc']:.4f} "
-              f"{row['seconds']:.1f}s {row['samples_per_s']:.0f} samples/s",
-              file=sys.stderr, flush=True)
+        self._print(f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} (ce {row['ce']:.4f} "
+                    f"reg {row['reg']:.4f}) train {row['train_acc']:.4f}{val} test "
+                    f"{row['test_acc']:.4f} {row['seconds']:.1f}s {row['samples_per_s']:.0f} samples/s")
 
     def close(self):
-        pass
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def progress_seconds() -> float:
+    """Seconds between plain progress lines off a terminal: ``MECREF_PROGRESS_SECONDS``
+    (a number >= 0; 0 prints a line at every step), default 30."""
+    text = os.environ.get("MECREF_PROGRESS_SECONDS", "30")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or not math.isfinite(value):
+        raise MecrefError(f"MECREF_PROGRESS_SECONDS must be a number of seconds >= 0, got {text!r}")
+    return value

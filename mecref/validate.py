@@ -60,9 +60,19 @@ def check_array(name, x, ndim=None, min_ndim=None, finite=True, floating=True, n
 def check_bits(name, bits, allowed=range(1, 9)):
     """Bit-width: an int in ``allowed`` (1..8 by default)."""
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or int(bits) not in allowed:
-        lo, hi = min(allowed), max(allowed)
-        raise MecrefError(f"{name} must be an integer in {lo}..{hi}, got {bits!r}")
+        raise MecrefError(f"{name} must be an integer in {_spans(allowed)}, got {bits!r}")
     return int(bits)
+
+
+def _spans(values) -> str:
+    """Sorted integers as runs: [1, ..., 8, 32] -> '1..8 or 32'."""
+    vals, runs = sorted(set(int(v) for v in values)), []
+    for v in vals:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return " or ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def check_positive(name, value, allow_zero=False):
@@ -82,6 +92,10 @@ def check_int(name, value, lo=None, hi=None):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     v = int(value)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
+        if hi is None:
+            raise MecrefError(f"{name} must be an integer >= {lo}, got {v}")
+        if lo is None:
+            raise MecrefError(f"{name} must be an integer <= {hi}, got {v}")
         raise MecrefError(f"{name} must be an integer in [{lo}, {hi}], got {v}")
     return v
 

@@ -300,7 +300,7 @@ def test_cli_table_dry_run_lists_the_main_grid(tmp_path, capsys):
     assert main(["table", "--grid", "main", "--out", str(tmp_path), "--seeds", "0", "1",
                  "--epochs", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "74 cells: 0 cached, 74 to run"
+    assert out[-3] == "74 cells: 0 cached, 74 to run" and out[-2].startswith("estimated time: ~")
     assert any("W2A4 MEC-Quant (MOE K=4) seed 1" in line for line in out)
     assert main(["table", "--grid", "sweep", "--out", str(tmp_path), "--bits", "W2A2"]) == 2
 

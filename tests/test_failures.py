@@ -167,7 +167,7 @@ def test_resume_without_checkpoint_dir_is_an_error(capsys):
     with pytest.raises(MecrefError, match="resume=True needs checkpoint_dir"):
         train_small_cnn(**TINY, resume=True)
     assert cli.main(CLI_TINY + ["--resume"]) == 2
-    assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
+    assert "--resume needs --out DIR (or --name NAME)" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ 2: overwrite, lock, export
@@ -251,14 +251,15 @@ def test_stale_temp_files_are_removed_and_sigterm_ends_like_ctrl_c(tmp_path):
     try:
         _wait_for(lambda: marker.exists() or child.poll() is not None, "the pause")
         assert child.poll() is None, child.stderr.read()
-        assert sorted(p.name for p in d.iterdir()) == [".lock"]
+        # the temp files are gone; the run folder's config is written before the first step
+        assert sorted(p.name for p in d.iterdir()) == [".lock", "config.json"]
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=60)
     finally:
         _reap(child)
     assert child.returncode == 130 and err.strip().splitlines()[-1] == "mecref: interrupted"
     assert "Traceback" not in err
-    assert sorted(p.name for p in d.iterdir()) == []
+    assert sorted(p.name for p in d.iterdir()) == ["config.json"]
 
 
 # ------------------------------------------------------------------ 6: OS errors, early and clear
@@ -267,7 +268,7 @@ def test_a_parent_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     t0 = time.monotonic()
     assert cli.main(CLI_TINY + ["--checkpoint-dir", str(tmp_path / "file" / "ck")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mecref: error: checkpoint_dir") and "is not a writable folder" in err
+    assert err.startswith("mecref: error: --out ") and "is not a writable folder" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -539,8 +539,9 @@ CLI_BAD = st.one_of(
     st.tuples(st.just("--epochs"), _not_int_in(1, math.inf)).map(lambda t: ["train", *t]),   # any count >= 1 trains
     st.tuples(st.just("--batch-size"), _not_int_in(2, 12000)).map(lambda t: ["train", *t]),
     st.tuples(st.sampled_from(["--quantizer", "--reg", "--dataset", "--backend"]), st.text(max_size=6)).map(
-        lambda t: ["train", *t]).filter(lambda a: a[2] not in ("fp32", "ste", "dorefa_pact", "lsq", "lsqplus", "none",
-                                                                "mec", "mec_taylor", "moe", "bundled", "numpy")),
+        lambda t: ["train", *t]).filter(lambda a: a[2] not in ("fp32", "ste", "dorefa_pact", "lsq", "lsqplus",
+                                                                "mec", "mec_taylor", "moe", "bundled", "numpy")
+                                        and a[2].strip().lower() != "none"),   # --reg none or None
     st.sampled_from([[], ["nope"], ["train", "--nope"], ["export"], ["export", "a.npz"], ["eval-int"],
                      ["export", "/no/such.npz", "--out", "x.npz"], ["eval-int", "/no/such.npz"],
                      ["eval-int", "/no/such.npz", "--limit", "0"], ["table"], ["sweep", "--out"],
