@@ -4,7 +4,10 @@ measured blocks from that JSON.
 
     nice -n 15 python3 scripts/doc_figures.py export     # -> docs/results/export.json (a few minutes)
     nice -n 15 python3 scripts/doc_figures.py data       # -> docs/results/data.json (under a minute)
-    python3 scripts/doc_figures.py render                # rewrites the blocks in docs/export.md, docs/data.md
+    nice -n 15 python3 scripts/doc_figures.py first-hour # -> docs/results/first_hour.json (the README's
+                                                         #    two commands, timed: ~15 min on 2 cores)
+    python3 scripts/doc_figures.py render                # rewrites the blocks in docs/export.md,
+                                                         # docs/data.md and README.md
     python3 scripts/doc_figures.py render --check        # exit 1 if a page differs from its rendering
 
 A page's measured block sits between ``<!-- rendered: NAME ... -->`` and
@@ -40,6 +43,8 @@ EXPORT_JSON = ROOT / "docs" / "results" / "export.json"
 DATA_JSON = ROOT / "docs" / "results" / "data.json"
 EXPORT_MD = ROOT / "docs" / "export.md"
 DATA_MD = ROOT / "docs" / "data.md"
+FIRST_HOUR_JSON = ROOT / "docs" / "results" / "first_hour.json"
+README_MD = ROOT / "README.md"
 
 # The tiny models of tests/test_export.py (TINY, WHOLE_SET, OTHERS), plus the DoReFa+PACT model
 # with an 8-bit first and last layer: (quantizer, w_bits, a_bits, first_last_bits, train_limit).
@@ -415,6 +420,64 @@ def render_data_blocks(doc) -> dict:
     return {"data-subset": subset, "data-stats": stats, "data-edges": edges, "data-speed": speed}
 
 
+# ============================================================================ the first hour
+def measure_first_hour(out=FIRST_HOUR_JSON, suite=True) -> dict:
+    """Run the README's two commands as a new user would (``mecref train`` in an empty folder;
+    ``python3 -m pytest`` in the repository), timed as whole processes, and keep what the main
+    job printed last and wrote. The installs are not timed (they depend on the network)."""
+    t0 = time.perf_counter()
+    doc = dict(command="python3 scripts/doc_figures.py first-hour", machine=machine())
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "mecref", "train", "--out", "run"], cwd=tmp,
+                           env=env, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t
+        run = Path(tmp, "run")
+        history = json.loads((run / "history.json").read_text())
+        doc["main_job"] = dict(
+            command="mecref train", wall_s=wall, last_lines=r.stdout.rstrip().splitlines()[-2:],
+            summary=(run / "summary.txt").read_text().strip(), epochs=len(history),
+            final=history[-1], files=sorted(p.name for p in run.iterdir()
+                                            if not p.name.startswith(".")))
+    if suite:
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=ROOT,
+                           env=env, capture_output=True, text=True)
+        tail = r.stdout.rstrip().splitlines()[-1]
+        passed = re.search(r"(\d+) passed", tail)
+        doc["suite"] = dict(command="python3 -m pytest", wall_s=time.perf_counter() - t,
+                            returncode=r.returncode, last_line=tail,
+                            passed=int(passed.group(1)) if passed else None)
+    doc["wall_s"] = time.perf_counter() - t0
+    _write(out, doc)
+    return doc
+
+
+def _minutes(s):
+    return f"{s / 60:.1f} min"
+
+
+def render_readme_blocks(doc) -> dict:
+    m, job = doc["machine"], doc["main_job"]
+    load = m.get("load_average")
+    where = (f"{m['cpu']}, {m['usable_cpus']} cores"
+             + (f", load average {load[0]:.1f} at the start" if load else ""))
+    lines = [f"Measured by `{doc['command']}` (commit {str(m['git'])[:7]}; {where}): "
+             f"`{job['command']}` took {_minutes(job['wall_s'])} of wall time and ended with", "",
+             "```", *job["last_lines"], "```", "",
+             f"The run folder held {', '.join(job['files'])}."]
+    suite = doc.get("suite")
+    if suite:
+        lines += ["", f"`{suite['command']}` (the test command, after its install) took "
+                  f"{_minutes(suite['wall_s'])} and ended with `{suite['last_line']}`."]
+    return {"first-hour": "\n".join(lines)}
+
+
+def render_readme(text, doc) -> str:
+    return render_page(text, render_readme_blocks(doc))
+
+
 _BLOCK = re.compile(r"(<!-- rendered: (?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)(<!-- end rendered: (?P=name) -->)",
                     re.S)
 
@@ -437,7 +500,8 @@ def render_data(text, doc) -> str:
 
 
 ONNX_JSON = ROOT / "docs" / "results" / "onnx_agreement.json"
-PAGES = ((EXPORT_MD, (EXPORT_JSON, ONNX_JSON), render_export), (DATA_MD, (DATA_JSON,), render_data))
+PAGES = ((EXPORT_MD, (EXPORT_JSON, ONNX_JSON), render_export), (DATA_MD, (DATA_JSON,), render_data),
+         (README_MD, (FIRST_HOUR_JSON,), render_readme))
 
 
 def render_all(check=False) -> int:
@@ -467,6 +531,9 @@ def main(argv=None):
     d = sub.add_parser("data", help="measure the data pages' figures; write docs/results/data.json")
     d.add_argument("--reps", type=int, default=200)
     d.add_argument("--out", default=str(DATA_JSON))
+    f = sub.add_parser("first-hour", help="time the README's two commands; write docs/results/first_hour.json")
+    f.add_argument("--no-suite", action="store_true", help="time the main job only")
+    f.add_argument("--out", default=str(FIRST_HOUR_JSON))
     r = sub.add_parser("render", help="rewrite the measured blocks of docs/export.md and docs/data.md")
     r.add_argument("--check", action="store_true", help="only report pages that differ (exit 1)")
     args = p.parse_args(argv)
@@ -474,6 +541,8 @@ def main(argv=None):
         measure_export(args.out, args.epochs, args.train_limit, args.work)
     elif args.what == "data":
         measure_data(args.out, args.reps)
+    elif args.what == "first-hour":
+        measure_first_hour(args.out, suite=not args.no_suite)
     else:
         return render_all(args.check)
     return 0

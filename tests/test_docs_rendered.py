@@ -46,7 +46,8 @@ def _json(path):
     ("docs/export.md", ("docs/results/export.json", "docs/results/onnx_agreement.json"),
      doc_figures.render_export),
     ("docs/data.md", ("docs/results/data.json",), doc_figures.render_data),
-], ids=["export", "data"])
+    ("README.md", ("docs/results/first_hour.json",), doc_figures.render_readme),
+], ids=["export", "data", "readme"])
 def test_page_is_rendered_from_its_committed_data(page, data, render):
     text = (ROOT / page).read_text()
     assert render(text, *(_json(d) for d in data)) == text, (
