@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))     # this checkout's mecref, installed or not
 EXPORT_JSON = ROOT / "docs" / "results" / "export.json"
 DATA_JSON = ROOT / "docs" / "results" / "data.json"
 EXPORT_MD = ROOT / "docs" / "export.md"
@@ -421,56 +422,70 @@ def render_data_blocks(doc) -> dict:
 
 
 # ============================================================================ the first hour
-def measure_first_hour(out=FIRST_HOUR_JSON, suite=True) -> dict:
+def measure_first_hour(out=FIRST_HOUR_JSON, only=None) -> dict:
     """Run the README's two commands as a new user would (``mecref train`` in an empty folder;
     ``python3 -m pytest`` in the repository), timed as whole processes, and keep what the main
-    job printed last and wrote. The installs are not timed (they depend on the network)."""
+    job printed last and wrote. The installs are not timed (they depend on the network).
+    ``only="main_job"`` or ``"suite"`` measures one and keeps the other from ``out``."""
     t0 = time.perf_counter()
-    doc = dict(command="python3 scripts/doc_figures.py first-hour", machine=machine())
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "mecref", "train", "--out", "run"], cwd=tmp,
-                           env=env, capture_output=True, text=True, check=True)
-        wall = time.perf_counter() - t
-        run = Path(tmp, "run")
-        history = json.loads((run / "history.json").read_text())
-        doc["main_job"] = dict(
-            command="mecref train", wall_s=wall, last_lines=r.stdout.rstrip().splitlines()[-2:],
-            summary=(run / "summary.txt").read_text().strip(), epochs=len(history),
-            final=history[-1], files=sorted(p.name for p in run.iterdir()
-                                            if not p.name.startswith(".")))
-    if suite:
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=ROOT,
-                           env=env, capture_output=True, text=True)
-        tail = r.stdout.rstrip().splitlines()[-1]
-        passed = re.search(r"(\d+) passed", tail)
-        doc["suite"] = dict(command="python3 -m pytest", wall_s=time.perf_counter() - t,
-                            returncode=r.returncode, last_line=tail,
-                            passed=int(passed.group(1)) if passed else None)
+    doc = json.loads(Path(out).read_text()) if only and Path(out).is_file() else {}
+    doc.update(command="python3 scripts/doc_figures.py first-hour", machine=machine())
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if only in (None, "main_job"):
+        doc["main_job"] = _measure_main_job(env)
+    if only in (None, "suite"):
+        doc["suite"] = _measure_suite(env)
     doc["wall_s"] = time.perf_counter() - t0
     _write(out, doc)
     return doc
 
 
+def _measure_main_job(env) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "mecref", "train"], cwd=tmp,
+                           env=env, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t
+        (run,) = Path(tmp, "runs").iterdir()      # its default run folder, runs/<date-time>
+        history = json.loads((run / "history.json").read_text())
+        return dict(command="mecref train", wall_s=wall,
+                    last_lines=r.stdout.rstrip().splitlines()[-2:],
+                    summary=(run / "summary.txt").read_text().strip(), epochs=len(history),
+                    final=history[-1], machine=machine(),
+                    files=sorted(p.name for p in run.iterdir() if not p.name.startswith(".")))
+
+
+def _measure_suite(env) -> dict:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    tail = r.stdout.rstrip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", tail)
+    return dict(command="python3 -m pytest", wall_s=time.perf_counter() - t, returncode=r.returncode,
+                last_line=tail, passed=int(passed.group(1)) if passed else None, machine=machine())
+
+
 def _minutes(s):
-    return f"{s / 60:.1f} min"
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _where(m):
+    load = m.get("load_average")
+    return (f"commit {str(m['git'])[:7]}; {m['cpu']}, {m['usable_cpus']} cores"
+            + (f", load average {load[0]:.1f} at the start" if load else ""))
 
 
 def render_readme_blocks(doc) -> dict:
-    m, job = doc["machine"], doc["main_job"]
-    load = m.get("load_average")
-    where = (f"{m['cpu']}, {m['usable_cpus']} cores"
-             + (f", load average {load[0]:.1f} at the start" if load else ""))
-    lines = [f"Measured by `{doc['command']}` (commit {str(m['git'])[:7]}; {where}): "
-             f"`{job['command']}` took {_minutes(job['wall_s'])} of wall time and ended with", "",
+    job = doc["main_job"]
+    lines = [f"Measured by `{doc['command']}` ({_where(job['machine'])}): `{job['command']}` "
+             f"took {_minutes(job['wall_s'])} of wall time and ended with", "",
              "```", *job["last_lines"], "```", "",
              f"The run folder held {', '.join(job['files'])}."]
     suite = doc.get("suite")
     if suite:
-        lines += ["", f"`{suite['command']}` (the test command, after its install) took "
-                  f"{_minutes(suite['wall_s'])} and ended with `{suite['last_line']}`."]
+        lines += ["", f"`{suite['command']}` (the test command, after its install; "
+                  f"{_where(suite['machine'])}) took {_minutes(suite['wall_s'])} and ended with "
+                  f"`{suite['last_line']}`."]
     return {"first-hour": "\n".join(lines)}
 
 
@@ -532,7 +547,8 @@ def main(argv=None):
     d.add_argument("--reps", type=int, default=200)
     d.add_argument("--out", default=str(DATA_JSON))
     f = sub.add_parser("first-hour", help="time the README's two commands; write docs/results/first_hour.json")
-    f.add_argument("--no-suite", action="store_true", help="time the main job only")
+    f.add_argument("--only", choices=("main_job", "suite"), default=None,
+                   help="measure one of the two; keep the other from --out")
     f.add_argument("--out", default=str(FIRST_HOUR_JSON))
     r = sub.add_parser("render", help="rewrite the measured blocks of docs/export.md and docs/data.md")
     r.add_argument("--check", action="store_true", help="only report pages that differ (exit 1)")
@@ -542,7 +558,7 @@ def main(argv=None):
     elif args.what == "data":
         measure_data(args.out, args.reps)
     elif args.what == "first-hour":
-        measure_first_hour(args.out, suite=not args.no_suite)
+        measure_first_hour(args.out, args.only)
     else:
         return render_all(args.check)
     return 0
