@@ -134,6 +134,8 @@ def time_steps(torch, cfg, xb, yb, reps, warmup, lead):
     if torch is not None:
         rec["ratio"] = common.paired_ratio(times["mecref"], times["torch"])
     rec["profile"] = common.profile(fns["mecref"], 3 if reps < 10 else 30)
+    from . import step as step_bench
+    rec["threads_ab"] = step_bench.threads_ab(fns["mecref"], reps if reps < 10 else reps // 2, warmup, lead)
     return rec
 
 

@@ -393,6 +393,12 @@ def _main_md(rec):
     rows = [["step", _ms(rec["step"]["mecref"]), _ms(rec["step"].get("torch")), _x(rec["step"].get("ratio"))],
             ["epoch", _ms(rec["epoch"]["mecref"]), _ms(rec["epoch"].get("torch")), _x(rec["epoch"].get("ratio"))]]
     L.append(_md_table(["what", "mecref ms", "torch ms", "mecref / torch"], rows))
+    ab = rec["step"].get("threads_ab")
+    if ab:
+        L += ["", f"The mecref step with its element-wise passes on one thread: {_ms(ab['one'])} ms; on "
+              f"{ab['threads']} (mecref.threads' default, one per usable CPU): {_ms(ab['all'])} ms "
+              f"(1-thread / {ab['threads']}-thread time {_x(ab['ratio'])}, interleaved in this run; "
+              "the GEMMs keep OpenBLAS's threads in both)."]
     c = rec.get("check")
     if c:
         L += ["", f"Same step, checked before timing (float64, random-normal images, the same two views): "
@@ -625,12 +631,37 @@ def _step_gap_md(res, missed):
     return L
 
 
+def _main_gap_md(res, missed):
+    """For missed main-job targets: the step against its GEMM floor and torch, from this run."""
+    keys = {t["key"] for t in missed} & {"main_step", "main_epoch", "main_floor"}
+    f = _get(res, "main", "floor")
+    if not keys or not f or "mecref_step_ms" not in f:
+        return []
+    mec, floor = f["mecref_step_ms"], f["floor_ms"]
+    line = (f"**Main-job step.** mecref {mec:.1f} ms, of which the GEMMs at their replayed speed "
+            f"(the floor, section 1b) are {floor:.1f} ms and everything else {mec - floor:.1f} ms "
+            f"({(mec - floor) / floor:.2f} floors)")
+    if "torch_step_ms" in f:
+        t = f["torch_step_ms"]
+        line += (f"; torch's step takes {t:.1f} ms, so reaching it means cutting {max(mec - t, 0):.1f} ms "
+                 f"of the {mec - floor:.1f} ms outside the GEMMs")
+    layers = _get(res, "step", "variants", "w4a4_lsq", "layers")
+    line += (". The profile of section 1b names where: the GEMMs inside `_conv_backward` and "
+             "`_conv_forward`, then col2im's `fold`, max pool (`pool`, `route`), im2col "
+             "(`copy_windows`), BatchNorm (`normalize`, `backward`, the `einsum` row sums) and the "
+             "LSQ quantizers, each a few passes over an activation-sized array.")
+    if layers:
+        line += " The per-layer table of section 1 (W4A4 LSQ, the same layers) splits it by layer."
+    return [line, ""]
+
+
 def _profiles_md(res, missed):
     L = ["## Where the time goes", ""]
     keys = {t["key"] for t in missed}
     L.append("Missed targets: " + (", ".join(t["target"] for t in missed) if missed else "none") + ".")
     L.append("")
     L += _step_gap_md(res, missed)
+    L += _main_gap_md(res, missed)
     step = res.get("step") or {}
     for v in step.get("variants", {}).values():
         if "profile" in v:
