@@ -17,7 +17,8 @@ the order-4 Taylor MEC of the two views' features, SGD with momentum and weight 
   the gather form, at the step's shapes (benchmarks/conv_grad.py).
 - ``floor``: the GEMM floor of the step: its GEMMs (im2col form, counted as in
   benchmarks/gemm.py, for a batch of 256) run alone as plain NumPy matmuls of the same shapes,
-  in this run; and how far above it each library's step is.
+  timed in the same interleaved rounds as the two steps; and how far above it each library's
+  step is (paired within a round).
 
 The twin's first loss and gradients are checked against mecref's before any timing (float64,
 random-normal images, the same two views).
@@ -118,8 +119,25 @@ def check(torch, cfg, n, seed=1):
                 grad_rel_diff_worst=rel[worst], grad_rel_diff_worst_param=worst)
 
 
+def gemm_replay_fn(n):
+    """A callable running the step's GEMMs (batch n, im2col form) as plain NumPy matmuls of
+    the same shapes on fixed random operands, and the list of those GEMMs."""
+    gemms = gemm_bench.step_gemms(n, quantized=True)
+    rng = np.random.default_rng(0)
+    ops = [(rng.standard_normal((g["m"], g["k"])).astype(np.float32),
+            rng.standard_normal((g["k"], g["n"])).astype(np.float32)) for g in gemms]
+
+    def replay():
+        for A, B in ops:
+            A @ B
+
+    return replay, gemms
+
+
 def time_steps(torch, cfg, xb, yb, reps, warmup, lead):
-    """Interleaved medians of the mecref step and the twin's step on one batch."""
+    """Interleaved medians of the mecref step, the twin's step and the step's GEMM floor (its
+    GEMMs replayed alone) on one batch: the floor is timed in the same rounds as the steps, so
+    a load spike of a shared machine hits all three alike."""
     from mecref import train
 
     model, opt = mecref_setup(cfg, xb)
@@ -129,13 +147,32 @@ def time_steps(torch, cfg, xb, yb, reps, warmup, lead):
         tmodel, sgd = torch_setup(torch, cfg, model)
         t_step = torch_step_fn(torch, tmodel, sgd, cfg)
         fns["torch"] = lambda: t_step(xb, yb, rng_t)
+    fns["floor"], gemms = gemm_replay_fn(2 * xb.shape[0])
     times = common.interleave(fns, reps, warmup=warmup, lead=lead)
-    rec = {lib: common.stats(t) for lib, t in times.items()}
+    rec = {lib: common.stats(times[lib]) for lib in ("mecref", "torch") if lib in times}
     if torch is not None:
         rec["ratio"] = common.paired_ratio(times["mecref"], times["torch"])
     rec["profile"] = common.profile(fns["mecref"], 3 if reps < 10 else 30)
     from . import step as step_bench
     rec["threads_ab"] = step_bench.threads_ab(fns["mecref"], reps if reps < 10 else reps // 2, warmup, lead)
+    return rec, floor(gemms, times, 2 * xb.shape[0])
+
+
+def floor(gemms, times, n):
+    """The GEMM floor from the interleaved times: its median, and each step above it as the
+    median over rounds of (t_step - t_floor) / t_floor (paired within a round)."""
+    flops = sum(g["flops"] for g in gemms)
+    t = float(np.median(times["floor"]))
+    rec = dict(batch=n, gemm_gflop=flops / 1e9, floor_ms=t * 1e3,
+               floor_gflops=flops / t / 1e9, floor_stats=common.stats(times["floor"]), gemms=gemms,
+               note="the MEC term's GEMMs ((128 x 64) x (64 x 128) and smaller) are left out: under 0.01 GFLOP",
+               above="median over rounds of (t_step - t_floor) / t_floor, the floor timed in the same round")
+    for lib in ("mecref", "torch"):
+        if lib in times:
+            above = [(a - b) / b for a, b in zip(times[lib], times["floor"])]
+            rec[f"{lib}_step_ms"] = common.stats(times[lib])["median_ms"]
+            rec[f"{lib}_above_floor"] = float(np.median(above))
+            rec[f"{lib}_share_above"] = float(np.median([(a - b) / a for a, b in zip(times[lib], times["floor"])]))
     return rec
 
 
@@ -179,21 +216,6 @@ def epoch_fns(torch, cfg, ds):
     return mecref_epoch, torch_epoch
 
 
-def floor(n, step_ms, reps):
-    """The step's GEMMs replayed alone at the same shapes: the floor, and each step above it."""
-    gemms = gemm_bench.step_gemms(n, quantized=True)
-    flops = sum(g["flops"] for g in gemms)
-    t = gemm_bench.replay(gemms, reps)
-    rec = dict(batch=n, gemm_gflop=flops / 1e9, floor_ms=t * 1e3, floor_gflops=flops / t / 1e9,
-               gemms=gemms, note="the MEC term's GEMMs ((128 x 64) x (64 x 128) and smaller) are left out: "
-                                 "under 0.01 GFLOP")
-    for lib, ms in step_ms.items():
-        rec[f"{lib}_step_ms"] = ms
-        rec[f"{lib}_above_floor"] = (ms - rec["floor_ms"]) / rec["floor_ms"]
-        rec[f"{lib}_share_above"] = (ms - rec["floor_ms"]) / ms
-    return rec
-
-
 def run(torch, quick=False, lead=0.002, log=print):
     missing = common.mecref_missing("train", "data", "nn", "optim")
     if missing:
@@ -212,9 +234,7 @@ def run(torch, quick=False, lead=0.002, log=print):
         out["torch"] = common.torch_missing_reason()
     else:
         out["check"] = check(torch, cfg, 4 if quick else 16)
-    out["step"] = time_steps(torch, cfg, xb, yb, reps, warmup, lead)
-    step_ms = {lib: out["step"][lib]["median_ms"] for lib in ("mecref", "torch") if lib in out["step"]}
-    out["floor"] = floor(2 * B, step_ms, 3 if quick else 15)
+    out["step"], out["floor"] = time_steps(torch, cfg, xb, yb, reps, warmup, lead)
 
     out["conv_input_grad"] = conv_grad.run(2 * B, 3 if quick else 21, log=log)
 
@@ -240,7 +260,8 @@ def run(torch, quick=False, lead=0.002, log=print):
     f = out["floor"]
     log(f"  GEMM floor of the step: {f['floor_ms']:.2f} ms ({f['gemm_gflop']:.3f} GFLOP at "
         f"{f['floor_gflops']:.0f} GFLOP/s); above it: " + ", ".join(
-            f"{lib} {f[f'{lib}_above_floor']:.2f}x the floor" for lib in step_ms))
+            f"{lib} {f[f'{lib}_above_floor']:.2f}x the floor" for lib in ("mecref", "torch")
+            if f"{lib}_above_floor" in f))
     if "check" in out:
         c = out["check"]
         log(f"  check (float64): loss {c['loss_mecref']:.10f} (mecref) vs {c['loss_torch']:.10f} (torch); "

@@ -408,8 +408,10 @@ def _main_md(rec):
     f = rec["floor"]
     L += ["", f"**GEMM floor.** The step's GEMMs (im2col form, batch {f['batch']}: "
           f"{f['gemm_gflop']:.3f} GFLOP; {f['note']}) run alone as plain NumPy matmuls of the same "
-          f"shapes in this run take **{f['floor_ms']:.2f} ms** ({f['floor_gflops']:.0f} GFLOP/s): no "
-          "step that computes these products with this BLAS can be faster. Above it:", "",
+          f"shapes, timed in the same interleaved rounds as the two steps, take **{f['floor_ms']:.2f} ms** "
+          f"({f['floor_gflops']:.0f} GFLOP/s): no step that computes these products with this BLAS "
+          "can be faster. Above it (*above / floor*: the median over rounds of (step - floor) / floor, "
+          "both from the same round):", "",
           _md_table(["library", "step ms", "above the floor ms", "above / floor", "share of the step above the floor"],
                     [[lib, f"{f[f'{lib}_step_ms']:.2f}", f"{f[f'{lib}_step_ms'] - f['floor_ms']:.2f}",
                       _x(f[f"{lib}_above_floor"]), f"{f[f'{lib}_share_above']:.0%}"]
