@@ -499,9 +499,10 @@ def _entropy_md(rec, img_rel):
               "of one, and the routing on top: MOE is slower (< 1 below). Only where **m/K < d** does "
               "the per-expert Gram side shrink, to m/K: the work drops to m^2 d / K, a speed-up "
               "of about min(K, K d / m) in flops (K when m <= d; K d / m when m/K < d < m), less "
-              "the routing and the K separate calls, which dominate at small sizes. The dashed "
-              "line in each panel is m/K = d: the red cells (MOE faster) lie above it, to its "
-              "upper left.", ""]
+              "the routing and the K separate calls. The dashed line in each panel is m/K = d: MOE "
+              "can only win above it (to its upper left); whether it does there depends on "
+              "whether the Gram work it saves outweighs that overhead, which dominates at small "
+              "m, where the exact form takes well under a millisecond.", ""]
         rows = []
         for p in sc["points"]:
             rows.append([p["d"], p["m"], _ms(p["exact"]), p["exact"]["n"]] +
