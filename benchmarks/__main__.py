@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--only step,entropy,memory,gemm,gpu] [--json out.json] [--report]
+"""python -m benchmarks [--quick] [--only step,main,entropy,memory,gemm,gpu] [--json out.json] [--report]
 
 Runs the benchmarks of mecref against PyTorch and prints a table for each; ``--json`` writes
 every figure with the machine and the command; ``--report`` also writes docs/benchmarks.md
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import common
 
-BENCHMARKS = ("step", "entropy", "memory", "gemm", "gpu")
+BENCHMARKS = ("step", "main", "entropy", "memory", "gemm", "gpu")
 
 
 def parse_args(argv):
@@ -95,6 +95,9 @@ def _run_one(name, torch, quick, results, log):
     if name == "step":
         from . import step
         return step.run(torch, quick=quick, log=log)
+    if name == "main":
+        from . import main_job
+        return main_job.run(torch, quick=quick, log=log)
     if name == "entropy":
         from . import entropy_terms
         return entropy_terms.run(torch, quick=quick, log=log)

@@ -26,8 +26,9 @@ EPS = 0.5
 GRID_M, GRID_D = (128, 512, 2048), (64, 256, 512)
 QUICK_M, QUICK_D = (16, 32), (8, 24)
 EXPERTS = (1, 2, 4, 8)
-SCALING_M, SCALING_D, SCALING_K = (128, 256, 512, 1024, 2048, 4096), (64, 256, 512), (2, 4, 8)
-QUICK_SCALING_M, QUICK_SCALING_D = (16, 32), (8,)
+# the MOE speed map: exact coding length against MOE over this grid (docs/benchmarks.md)
+SCALING_M, SCALING_D, SCALING_K = (128, 512, 2048, 8192), (64, 256, 1024), (2, 4, 8)
+QUICK_SCALING_M, QUICK_SCALING_D = (16, 32), (8, 24)
 TERMS = ("coding_length", "mec_exact", "mec_order4") + tuple(f"moe_K{k}" for k in EXPERTS)
 
 
@@ -175,9 +176,11 @@ def profiles(out, quick, log=print):
 
 
 def scaling(quick=False, lead=0.01, log=print):
-    """mecref's MOE (K experts) against its exact coding length, value + gradient, as m grows."""
+    """mecref's MOE (K experts) against its exact coding length, value + gradient, over m and d
+    (the speed map). Reps fill a time budget per point: 3 at the largest sizes (a pass over
+    exact + three MOEs takes about a second at m = 8192, d = 1024), up to 25 at the smallest."""
     ms, ds = (QUICK_SCALING_M, QUICK_SCALING_D) if quick else (SCALING_M, SCALING_D)
-    budget, lo, hi = (0.01, 3, 3) if quick else (0.5, 7, 40)
+    budget, lo, hi = (0.01, 3, 3) if quick else (0.4, 3, 25)
     lead = min(lead, 0.001) if quick else lead
     rows, recs = [], []
     for d in ds:

@@ -9,7 +9,8 @@ upstream needs it: FP32; W4A4 needs it for the input step ``s_a``). Two figures:
 - ``step``: GEMM FLOPs / measured step time (the whole step, so an upper bound on neither
   side: everything that is not a GEMM counts against it);
 - ``replay``: the same GEMMs run alone as plain 2-D NumPy matmuls of those shapes: the rate
-  these shapes reach on this machine, and the share of the step they would take.
+  these shapes reach on this machine, and the share of the step they would take. Their total
+  time is the step's GEMM floor; ``<lib>_above_floor = (step - floor) / floor``.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def run(torch, quick=False, step_result=None, log=print):
             rec[f"{lib}_gflops"] = rate
             peak = out["numpy_sgemm_gflops"] if lib == "mecref" else out["torch_sgemm_gflops"]
             rec[f"{lib}_fraction_of_peak"] = rate / peak
+            rec[f"{lib}_above_floor"] = (ms - rec["replay_ms"]) / rec["replay_ms"]
         if "mecref_step_ms" in rec:
             rec["replay_share_of_mecref_step"] = rec["replay_ms"] / rec["mecref_step_ms"]
         out["variants"][variant] = rec

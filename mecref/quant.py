@@ -205,13 +205,17 @@ def _codes(v, Qn, Qp, binary, rounded=False):
         code = (v >= 0).astype(v.dtype)
         code *= 2
         code -= 1
-    else:
-        code = xp.rint(v)
-        if rounded:
-            inside = (code >= Qn) & (code <= Qp)
-        xp.clip(code, Qn, Qp, out=code)
-    if not rounded:
         inside = (v >= Qn) & (v <= Qp)
+    elif rounded:
+        code = xp.rint(v)
+        inside = (code >= Qn) & (code <= Qp)
+        xp.clip(code, Qn, Qp, out=code)
+    else:
+        # three passes instead of five (Q1): round and clip commute (the bounds are integers),
+        # and v lies in [Qn, Qp] exactly where clipping leaves it unchanged (NaN: outside)
+        code = xp.clip(v, Qn, Qp)
+        inside = v == code
+        xp.rint(code, out=code)
     return code, inside
 
 

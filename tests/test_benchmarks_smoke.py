@@ -70,7 +70,7 @@ def doc_with_torch(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "torch.json"
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "MECREF_BENCH_NO_TORCH")}
     env.update(ONE_THREAD)
-    _run_cli(["--quick", "--only", "step,entropy,gemm,gpu", "--json", str(out)], env)
+    _run_cli(["--quick", "--only", "step,main,entropy,gemm,gpu", "--json", str(out)], env)
     return json.loads(out.read_text())
 
 
@@ -94,6 +94,17 @@ def test_quick_run_without_torch(doc_without_torch):
     assert res["gemm"]["numpy_sgemm_gflops"] > 0
     assert res["gemm"]["variants"]["fp32"]["mecref_fraction_of_peak"] > 0
     assert "skipped" in res["gpu"]  # no GPU and no torch here
+    main = res["main"]
+    assert main["step"]["mecref"]["median_ms"] > 0 and "torch" not in main["step"]
+    assert main["epoch"]["steps"] == 4 and main["floor"]["floor_ms"] > 0
+    # the gather form of the conv input gradient (benchmarks/conv_grad.py) is the fold's dx
+    assert [r["layer"] for r in main["conv_input_grad"]] == ["conv1", "conv2", "conv3"]
+    assert all(r["float64_rel_diff"] < 1e-13 for r in main["conv_input_grad"])
+    f = main["floor"]   # paired per round: share = above / (1 + above) is monotone, so the
+    # medians over an odd number of rounds map onto each other exactly
+    assert f["floor_stats"]["n"] % 2 == 1
+    assert f["mecref_share_above"] == pytest.approx(f["mecref_above_floor"] / (1 + f["mecref_above_floor"]))
+    assert {(p["m"], p["d"]) for p in res["entropy"]["scaling"]["points"]} == {(16, 8), (16, 24), (32, 8), (32, 24)}
     verdicts = {t["key"]: t["met"] for t in doc["targets"]}
     assert verdicts["step_fp32"] is None and verdicts["memory"] is None
 
@@ -115,6 +126,12 @@ def test_quick_run_with_torch(doc_with_torch):
     for r in res["entropy"]["grid"]:   # float32: the same formula, value and gradient
         assert r["check"]["value_rel_diff"] < 1e-4 and r["check"]["grad_rel_diff"] < 1e-3, r
         assert r["speedup"] == pytest.approx(1.0 / r["ratio"])
+    main = res["main"]   # the default main job against its twin: the same loss and gradients
+    assert abs(main["check"]["loss_mecref"] - main["check"]["loss_torch"]) < 1e-10
+    assert main["check"]["grad_rel_diff_median"] < 1e-10
+    assert main["step"]["ratio"] > 0 and main["epoch"]["ratio"] > 0
+    f = main["floor"]
+    assert f["torch_share_above"] == pytest.approx(f["torch_above_floor"] / (1 + f["torch_above_floor"]))
     assert res["gemm"]["torch_sgemm_gflops"] > 0
     assert res["gemm"]["variants"]["w4a4_lsq"]["torch_fraction_of_peak"] > 0
     for name in ("step", "entropy"):   # the rerun under OpenBLAS's default thread timeout
@@ -145,6 +162,9 @@ def test_report_writes_markdown_and_plot(doc_without_torch, tmp_path):
     png = tmp_path / "img" / report.SCALING_PNG
     assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"](img/{report.SCALING_PNG})" in text
+    assert "## 1b. The main job" in text and "GEMM floor" in text
+    data = json.loads((tmp_path / "img" / report.SCALING_JSON).read_text())
+    assert data["command"] == "python -m benchmarks --only entropy --quick" and len(data["points"]) == 4
 
 
 def test_report_cli_from_json(doc_without_torch, tmp_path):
@@ -159,7 +179,9 @@ def test_targets_met_and_missed():
     def cl(m, d, s):
         return dict(term="coding_length", m=m, d=d, speedup=s, ratio=1 / s)
     doc = dict(results=dict(
-        step=dict(variants=dict(fp32=dict(step=dict(ratio=1.3)), w4a4_lsq=dict(step=dict(ratio=1.01)))),
+        step=dict(variants=dict(fp32=dict(step=dict(ratio=1.2)), w4a4_lsq=dict(step=dict(ratio=1.01)))),
+        main=dict(step=dict(ratio=0.99), epoch=dict(ratio=1.02),
+                  floor=dict(mecref_above_floor=1.6, torch_above_floor=0.7)),
         entropy=dict(grid=[cl(128, 64, 2.0), cl(2048, 512, 1.49)],
                      scaling=dict(points=[dict(m=2048, d=64, speedup=dict(moe_K4=3.5)),
                                           dict(m=2048, d=512, speedup=dict(moe_K4=3.0)),
@@ -167,6 +189,8 @@ def test_targets_met_and_missed():
         memory=dict(variants=dict(a=dict(label="FP32", ratio=1.2), b=dict(label="W4A4", ratio=1.5)))))
     t = {x["key"]: x for x in report.targets(doc)}
     assert t["step_fp32"]["met"] is True and t["step_w4a4"]["met"] is False
+    assert t["main_step"]["met"] is True and t["main_epoch"]["met"] is False
+    assert t["main_floor"]["met"] is False and t["main_floor"]["where"] == "torch: 0.70"
     assert t["coding_length"]["met"] is False and t["coding_length"]["where"] == "m=2048, d=512"
     assert t["moe_k4"]["met"] is True and t["moe_k4"]["value"] == 3.0
     assert t["memory"]["met"] is True and t["memory"]["value"] == 1.5

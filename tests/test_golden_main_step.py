@@ -1,0 +1,40 @@
+"""The default main job's training step (W2A2 LSQ, two views, order-4 Taylor MEC, SGD) gives
+the numbers recorded before the layers' speed-ups (tests/data/golden_main_step.npz, written by
+tests/data/make_golden_main_step.py from the code of that time), within float32 round-off."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mecref import threads
+
+DATA = Path(__file__).parent / "data"
+# float32 sums in another order differ by a few ulps per term: relative to each array's norm,
+# 1e-5 is ~100 ulps, while a wrong gradient formula moves an array by O(1)
+RTOL = 1e-5
+
+
+def _gen():
+    spec = importlib.util.spec_from_file_location("make_golden_main_step", DATA / "make_golden_main_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_main_step_matches_the_recorded_step(n_threads, monkeypatch):
+    monkeypatch.setattr(threads, "MIN_ELEMENTS", 0)      # split even these small arrays
+    old = threads.set_num_threads(n_threads)
+    try:
+        now = _gen().main_step()
+    finally:
+        threads.set_num_threads(old)
+    golden = np.load(DATA / "golden_main_step.npz")
+    keys = [k for k in golden.files if k != "commit"]
+    assert set(keys) == set(now)
+    for k in keys:
+        a, ref = np.asarray(now[k], dtype=np.float64), golden[k].astype(np.float64)
+        assert a.shape == ref.shape, k
+        err = np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-30)
+        assert err <= RTOL, f"{k}: relative difference {err:.2e} > {RTOL:.0e}"
