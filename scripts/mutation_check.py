@@ -72,10 +72,10 @@ MUTATIONS = [
       ("tests/test_optim_losses.py",)),
     # --- quantizers (Q1-Q8)
     M("round-half-up", "codes round half up instead of half to even",
-      "code = xp.rint(v)", "code = xp.floor(v + 0.5)",
+      "xp.rint(code, out=code)", "xp.floor(code + 0.5, out=code)",
       ("tests/test_quant.py",)),
     M("ste-mask-open", "the STE mask drops its upper edge (an open range)",
-      "inside = (v >= Qn) & (v <= Qp)", "inside = (v >= Qn) & (v < Qp)",
+      "inside = v == code", "inside = (v == code) & (v < Qp)",
       ("tests/test_quant.py",)),
     M("lsq-grad-scale", "LSQ's step gradient scale forgets Qp",
       "g = 1.0 / math.sqrt((x.size // s.size) * Qp)", "g = 1.0 / math.sqrt(x.size // s.size)",
