@@ -1,6 +1,6 @@
 """The default main job's training step (W2A2 LSQ, two views, order-4 Taylor MEC, SGD) gives
 the numbers recorded before the layers' speed-ups (tests/data/golden_main_step.npz, written by
-tests/data/make_golden_main_step.py from the code of that time), within float32 round-off."""
+tests/data/make_golden_main_step.py from the code of that time), within float64 round-off."""
 import importlib.util
 from pathlib import Path
 
@@ -10,9 +10,9 @@ import pytest
 from mecref import threads
 
 DATA = Path(__file__).parent / "data"
-# float32 sums in another order differ by a few ulps per term: relative to each array's norm,
-# 1e-5 is ~100 ulps, while a wrong gradient formula moves an array by O(1)
-RTOL = 1e-5
+# float64 sums in another order differ by a few ulps per term: relative to each array's norm,
+# 1e-10 is ~1e6 ulps, while a wrong gradient formula moves an array by O(1)
+RTOL = 1e-10
 
 
 def _gen():
