@@ -143,9 +143,14 @@ def test_gpu_notebook_cells_run_on_the_device(fake_cupy, monkeypatch):
     monkeypatch.setenv("MECREF_SMOKE", "1")
     monkeypatch.chdir(ROOT / "notebooks")
     ns = {"__name__": "__main__"}
-    for text in cells[:cut]:
-        code = "\n".join(line for line in text.splitlines() if not line.startswith("%"))
-        exec(compile(code, str(src), "exec"), ns)          # IPython magics left out
+    saved = dict(os.environ)       # the notebook sets OPENBLAS_NUM_THREADS=1 for its own kernel:
+    try:                           # later tests' subprocesses must not inherit it
+        for text in cells[:cut]:
+            code = "\n".join(line for line in text.splitlines() if not line.startswith("%"))
+            exec(compile(code, str(src), "exec"), ns)      # IPython magics left out
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     assert ns["GPU"] and ns["BACKEND"] == "cupy"
     assert isinstance(ns["res"].model.layers[0].params["W"], fake_cupy.ndarray)
     assert json.dumps(ns["res"].history)      # host numbers only in the history
