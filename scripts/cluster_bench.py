@@ -26,21 +26,26 @@ from pathlib import Path
 import numpy as np
 
 
+# What may differ between two runs of one cell (when, where, how long; whether it came from
+# the cache), left out when two grid folders are compared (tests/test_cluster.py uses these too)
+_VOLATILE = {"pid", "finished_at", "seconds", "seconds_per_epoch", "cpu", "from_cache"}
+_VOLATILE_EPOCH = {"seconds", "samples_per_s"}
+
+
 def _stable(rec):
-    drop, drop_epoch = {"pid", "finished_at", "seconds", "seconds_per_epoch", "cpu"}, \
-        {"seconds", "samples_per_s"}
-    rec = {k: v for k, v in rec.items() if k not in drop}
-    rec["history"] = [{k: v for k, v in h.items() if k not in drop_epoch} for h in rec["history"]]
-    if isinstance(rec.get("config"), dict):
+    rec = {k: v for k, v in rec.items() if k not in _VOLATILE}
+    rec["history"] = [{k: v for k, v in h.items() if k not in _VOLATILE_EPOCH}
+                      for h in rec["history"]]
+    if isinstance(rec.get("config"), dict):    # a checkpoint's meta: where init_from was read
         rec["config"] = {k: v for k, v in rec["config"].items() if k != "init_from"}
     return rec
 
 
 def _cache(d: Path) -> dict:
-    """A grid folder's records and checkpoints without what differs between two runs (when,
-    where, how long; the path init_from was read from)."""
+    """Every file of a grid folder's cache, with what may differ between two runs removed:
+    run records (JSON), checkpoint arrays (exact bytes and dtype) and checkpoint metadata."""
     out = {}
-    for p in sorted(d.rglob("*")):
+    for p in sorted(Path(d).rglob("*")):
         rel = p.relative_to(d).as_posix()
         if not p.is_file() or rel == "grid.json" or p.name.startswith("."):
             continue
@@ -48,8 +53,12 @@ def _cache(d: Path) -> dict:
             out[rel] = _stable(json.loads(p.read_text()))
         elif p.suffix == ".npz":
             with np.load(p) as z:
-                out[rel] = (_stable(json.loads(bytes(z["__meta__"]).decode())),
-                            {k: z[k].tobytes() for k in z.files if k != "__meta__"})
+                meta = json.loads(bytes(z["__meta__"]).decode("utf-8"))
+                out[rel] = dict(meta=_stable(meta), arrays={
+                    k: (str(z[k].dtype), z[k].shape, z[k].tobytes())
+                    for k in z.files if k != "__meta__"})
+        else:
+            out[rel] = p.read_bytes()
     return out
 
 

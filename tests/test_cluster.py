@@ -2,12 +2,13 @@
 worker processes, one thread each, runs a tiny grid whose QAT cells start from an FP32
 pretraining; its cache must equal the local process pool's bit for bit, also after Ctrl-C and
 a resume, and after a worker is killed in the middle of a cell."""
+import importlib.util
 import json
 import os
 import signal
 import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 distributed = pytest.importorskip(
@@ -22,38 +23,17 @@ TINY = dict(train_limit=96, batch_size=32, epochs=2, width=(4, 8, 8), pretrain_e
 CONFIGS = [dict(TINY, quantizer="lsq", reg=None), dict(TINY, quantizer="lsq", reg="mec")]
 SEEDS = [0, 1]
 # what differs from one run of a cell to the next: where and when it ran, and how long it took
-_VOLATILE = {"pid", "finished_at", "seconds", "seconds_per_epoch", "cpu", "from_cache"}
-_VOLATILE_EPOCH = {"seconds", "samples_per_s"}
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("cluster_bench",
+                                                  Path(__file__).parents[1] / "scripts" / "cluster_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _stable(rec):
-    rec = {k: v for k, v in rec.items() if k not in _VOLATILE}
-    rec["history"] = [{k: v for k, v in h.items() if k not in _VOLATILE_EPOCH}
-                      for h in rec["history"]]
-    if isinstance(rec.get("config"), dict):    # a checkpoint's meta: where init_from was read
-        rec["config"] = {k: v for k, v in rec["config"].items() if k != "init_from"}
-    return rec
-
-
-def _cache(d):
-    """Every file of a grid folder's cache, with what may differ between two runs removed:
-    run records (JSON), checkpoint arrays (exact bytes and dtype) and checkpoint metadata."""
-    out = {}
-    for p in sorted(d.rglob("*")):
-        rel = p.relative_to(d).as_posix()
-        if not p.is_file() or rel == "grid.json" or p.name.startswith("."):
-            continue
-        if p.suffix == ".json":
-            out[rel] = _stable(json.loads(p.read_text()))
-        elif p.suffix == ".npz":
-            with np.load(p) as z:
-                meta = json.loads(bytes(z["__meta__"]).decode("utf-8"))
-                out[rel] = dict(meta=_stable(meta), arrays={
-                    k: (str(z[k].dtype), z[k].shape, z[k].tobytes())
-                    for k in z.files if k != "__meta__"})
-        else:
-            out[rel] = p.read_bytes()
-    return out
+# a grid folder's cache without what may differ between two runs (shared with the benchmark)
+_bench = _load_bench()
+_stable, _cache = _bench._stable, _bench._cache
 
 
 @pytest.fixture(scope="module")
