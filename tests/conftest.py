@@ -88,3 +88,15 @@ def fake_cupy():
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _environ_restored():
+    """Each test module gives back the process environment it found. Some libraries change it
+    and leave it changed (a Dask LocalCluster's nannies set OMP_NUM_THREADS,
+    OPENBLAS_NUM_THREADS=1 and kin); a later test's subprocess would then run its BLAS on
+    another thread count than this process and lose bit-identity with it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -43,17 +43,6 @@ def pool_cache(tmp_path_factory):
     return _cache(d)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _environ_restored():
-    """A LocalCluster's nannies set OMP_NUM_THREADS, OPENBLAS_NUM_THREADS=1 and others in this
-    process's environment and leave them; the subprocesses of later tests would inherit one
-    BLAS thread while this process keeps two (and lose bit-identity with it)."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
