@@ -1,5 +1,6 @@
 import contextlib
 import os
+import sys
 from unittest import mock
 
 import numpy as np
@@ -48,7 +49,8 @@ def cupy_stand_in():
     """
     import fakecupy
     from mecref import backend as B
-    from mecref import nn, threads
+    import mecref.nn  # noqa: F401  (loads the layer modules, which import over_channels)
+    from mecref import threads
 
     real = threads.over_channels
     fakecupy.threads_calls = calls = {"device": 0, "host": 0}
@@ -60,9 +62,12 @@ def cupy_stand_in():
         calls["device" if on_device else "host"] += 1
         return real(kernel, channels, elements, xp)
 
-    with B.cupy_stand_in(fakecupy.cupy, fakecupy.cupyx), \
-            mock.patch.object(threads, "over_channels", guarded), \
-            mock.patch.object(nn, "over_channels", guarded):
+    users = [m for name, m in sorted(sys.modules.items())      # every module that imported it
+             if name.startswith("mecref") and getattr(m, "over_channels", None) is real]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(B.cupy_stand_in(fakecupy.cupy, fakecupy.cupyx))
+        for m in users:
+            stack.enter_context(mock.patch.object(m, "over_channels", guarded))
         fakecupy.reset_counters()
         yield fakecupy
 
