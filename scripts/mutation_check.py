@@ -132,6 +132,13 @@ MUTATIONS = [
       "xp.multiply(mask_right[c], dy5[c], out=dx6[c, ..., 1])",
       "xp.multiply(mask_left[c], dy5[c], out=dx6[c, ..., 1])",
       ("tests/test_nn.py",)),
+    M("fused-bn-pool-sign", "the fused BatchNorm + pool pools the max even where gamma < 0",
+      "s = xp.where(gamma < 0, -1.0, 1.0)", "s = xp.where(gamma < 0, 1.0, 1.0)",
+      ("tests/test_nn.py", "-k", "fused")),
+    M("fused-bn-pool-route", "the fused BatchNorm + pool sends a window's gradient to the transposed position",
+      "xp.add(dxs[c, a, b], xp.multiply(win[c, a, b], g[c], out=routed[c]),",
+      "xp.add(dxs[c, a, b], xp.multiply(win[c, b, a], g[c], out=routed[c]),",
+      ("tests/test_nn.py", "-k", "fused")),
     # --- integer export (X4)
     M("export-round-shift", "requantisation rounds ties to odd",
       "q -= tie & ((q & 1) == 1)", "q -= tie & ((q & 1) == 0)",

@@ -9,6 +9,7 @@ from scipy.signal import correlate
 from mecref import nn, quant, schemes
 from mecref.backend import MecrefError, get_xp, to_backend, to_host
 from mecref.losses import softmax_cross_entropy, softmax_cross_entropy_backward
+from mecref.nn.fused import BatchNormPool
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -225,6 +226,94 @@ def test_batchnorm_running_stats_and_eval_mode(rng):
         * np.array([1.5, 0.5])[:, None, None] + np.array([0.1, -0.2])[:, None, None]
     np.testing.assert_allclose(bn.forward(x, train=False), ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(bn.buffers["running_mean"], rm, rtol=1e-12)  # eval: no update
+
+
+# ----------------------------------------------------------------------------- BatchNorm + pool in one pass (N11)
+def _bn(C, gamma, beta):
+    bn = nn.BatchNorm2d(C).astype(np.float64)
+    bn.params["gamma"][...] = gamma
+    bn.params["beta"][...] = beta
+    return bn
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_batchnorm_pool_matches_finite_differences(relu, rng):
+    """N11's backward against float64 central differences, a channel with gamma < 0 included
+    (its windows pool the minimum of x)."""
+    pair = BatchNormPool(_bn(3, [1.3, -0.8, 0.6], [0.2, 0.1, -0.3]), nn.MaxPool2d(relu=relu))
+    x = rng.permutation(2 * 3 * 4 * 6).reshape(2, 3, 4, 6) / 9.0 - 2.0    # distinct values
+    check_layer(pair, x, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_batchnorm_pool_equals_the_two_layers(relu, rng):
+    """The fused pass gives what BatchNorm2d then MaxPool2d give: output, input gradient, the
+    BatchNorm's gradients and running statistics (float64; only the summation order differs)."""
+    gamma, beta = [1.5, -0.7, 2.0, 0.4], [0.1, -0.2, 0.3, -1.0]
+    bn, pool = _bn(4, gamma, beta), nn.MaxPool2d(relu=relu)
+    pair = BatchNormPool(_bn(4, gamma, beta), nn.MaxPool2d(relu=relu))
+    for _ in range(2):                                        # running statistics over two steps
+        x = rng.standard_normal((3, 4, 6, 8)) * 2 + 0.5
+        y_ref, y = pool.forward(bn.forward(x)), pair.forward(x)
+        np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-13)
+        dy = rng.standard_normal(y.shape)
+        dx_ref, dx = bn.backward(pool.backward(dy)), pair.backward(dy)
+        np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-12)
+        for k in ("gamma", "beta"):
+            np.testing.assert_allclose(pair.grads[k], bn.grads[k], rtol=1e-12, atol=1e-13, err_msg=k)
+        for k in ("running_mean", "running_var"):
+            np.testing.assert_allclose(pair.buffers[k], bn.buffers[k], rtol=1e-13, err_msg=k)
+    assert pair.forward(x).shape == (3, 4, 3, 4) and y.strides[1] > y.strides[0]   # channel-major
+
+
+@given(st.integers(1, 3), st.booleans(), st.integers(0, 2**31 - 1))
+def test_fused_batchnorm_pool_routes_ties_like_the_pool(levels, relu, seed):
+    """Quantized (heavily tied) input: each window's gradient goes to the same single entry as
+    through BatchNorm2d then MaxPool2d, the first (row-major) maximum; none where relu cuts."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-levels, levels + 1, size=(2, 3, 6, 8)).astype(np.float64)
+    gamma, beta = rng.uniform(0.5, 2.0, 3) * rng.choice([-1, 1], 3), rng.uniform(-0.5, 0.5, 3)
+    bn, pool = _bn(3, gamma, beta), nn.MaxPool2d(relu=relu)
+    pair = BatchNormPool(_bn(3, gamma, beta), nn.MaxPool2d(relu=relu))
+    y_ref, y = pool.forward(bn.forward(x)), pair.forward(x)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-13)
+    dy = rng.uniform(1.0, 2.0, size=y.shape)
+    routed_ref = pool.backward(dy)                            # the gradient BatchNorm receives
+    pair.backward(dy)
+    xs, win = pair._ws["xs"], pair._ws["win"]                 # planes (C, a, b, N, Ho, Wo)
+    routed = np.zeros((3, 2, 3, 2, 4, 2))                     # (C, N, Ho, a, Wo, b)
+    for a in (0, 1):
+        for b in (0, 1):
+            routed[:, :, :, a, :, b] = win[:, a, b] * dy.swapaxes(0, 1)
+    np.testing.assert_array_equal(routed.reshape(3, 2, 6, 8).swapaxes(0, 1), routed_ref)
+    assert xs.shape == (3, 2, 2, 2, 3, 4)
+
+
+def test_small_cnn_runs_batchnorm_and_pool_fused_in_train_mode(rng):
+    """SmallCNN's train step (fused pairs) equals its layers run one by one; tapping a
+    BatchNorm keeps that pair apart; a gradient for a fused BatchNorm's output is refused."""
+    model = nn.small_cnn(quantizer="lsq", w_bits=4, a_bits=4, width=(3, 4, 5), num_classes=3,
+                         seed=2).astype(np.float64)
+    x = rng.standard_normal((4, 1, 8, 8))
+    model.forward(x, train=True)                              # quantizer steps initialised
+    R = rng.standard_normal((4, 3))
+    h = x
+    for layer in model.layers:                                # reference: one layer at a time
+        h = layer.forward(h, train=True)
+    d = R
+    for layer in reversed(model.layers):
+        d = layer.backward(d)
+    ref = {name: layer.grads[key].copy() for name, layer, key in model.named_params()}
+    for taps in (None, ("bn1",)):
+        out = model.forward(x, train=True, taps=taps)
+        np.testing.assert_allclose(out[0], h, rtol=0, atol=1e-12)
+        model.backward(R)
+        for name, layer, key in model.named_params():
+            np.testing.assert_allclose(layer.grads[key], ref[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    assert out[2]["bn1"].shape == (4, 3, 8, 8)                # the BatchNorm's own output
+    model.forward(x, train=True)
+    with pytest.raises(MecrefError, match="never formed"):
+        model.backward(R, dtaps={"bn2": np.zeros((4, 4, 4, 4))})
 
 
 def test_global_avg_pool_and_flatten_gradients(rng):

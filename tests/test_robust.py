@@ -120,14 +120,15 @@ def _last_good(ck):
 
 
 def test_non_finite_activation_names_the_layer_and_step(monkeypatch, tmp_path, backend):
-    # BatchNorm runs 3 times per training step (bn1, bn2, bn3): call 3 * 11 + 2 is bn2 at step 11
+    # BatchNorm2d.forward runs once per training step, for bn3 (bn1 and bn2 run fused with
+    # their pools, N11): call 11 + 1 is bn3 at step 11
     def to_inf(layer, y):
         y = y.copy()
         y[0, 0, 0, 0] = np.inf
         return y
 
-    _patch_after(monkeypatch, mnn.BatchNorm2d, "forward", 3 * (STEPS + 3) + 2, to_inf)
-    with pytest.raises(TrainingDivergedError, match=r"output of bn2 is NaN or inf \(every parameter "
+    _patch_after(monkeypatch, mnn.BatchNorm2d, "forward", STEPS + 3 + 1, to_inf)
+    with pytest.raises(TrainingDivergedError, match=r"output of bn3 is NaN or inf \(every parameter "
                        r"finite\) at step 11 \(epoch 2, batch 4\); the last good checkpoint .*last.npz' "
                        r"\(epoch 1\) is kept"):
         train_small_cnn(**KW, checkpoint_dir=tmp_path, backend=backend)

@@ -185,14 +185,18 @@ class BatchNorm2d(Layer):
             y[c] += beta[c, None]
 
         over_channels(normalize, C, x2.size, xp)
+        self._update_running(mu, var, M)
+        self._cache = (xc, t, x.shape)
+        return _cm(y.reshape(C, N, H, W))
+
+    def _update_running(self, mu, var, M):
+        """``r <- (1 - momentum) r + momentum * batch``, the variance unbiased (M / (M - 1))."""
         r = self.momentum
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
         rm *= 1 - r
         rm += r * mu.astype(rm.dtype)
         rv *= 1 - r
         rv += (r * M / (M - 1)) * var.astype(rv.dtype)
-        self._cache = (xc, t, x.shape)
-        return _cm(y.reshape(C, N, H, W))
 
     def backward(self, dy):
         xc, t, x_shape = self._pending()

@@ -12,6 +12,7 @@ from ..validate import check_array, check_choice, check_int
 from .base import FULL_PRECISION, _check_qbits
 from .conv import Conv2d, Linear
 from .fakequant import QuantConv2d, QuantLinear
+from .fused import BatchNormPool
 from .layers import BatchNorm2d, GlobalAvgPool2d, MaxPool2d, ReLU
 
 
@@ -132,6 +133,10 @@ class SmallCNN(_Container):
     def __init__(self, layers, names, config):
         super().__init__(layers, names)
         self.config = config
+        # each BatchNorm2d -> MaxPool2d pair runs as one pass in train mode (N11)
+        self._fused = {i: BatchNormPool(bn, pool) for i, (bn, pool) in enumerate(zip(layers, layers[1:]))
+                       if isinstance(bn, BatchNorm2d) and isinstance(pool, MaxPool2d)}
+        self._plan = None
 
     def forward(self, x, train=True, taps=None):
         """x (N, C_in, H, W) floating -> logits (N, num_classes), features (N, C3).
@@ -147,12 +152,20 @@ class SmallCNN(_Container):
         unknown = [t for t in (taps or ()) if t not in self.names[:-2]]
         if unknown:
             raise MecrefError(f"taps must name inner layers of {self.names[:-2]}, got {unknown}")
-        h, tapped = x, {}
-        for name, layer in zip(self.names[:-1], self.layers[:-1]):
-            h = layer.forward(h, train)
-            if taps and name in taps:
-                tapped[name] = h
+        h, tapped, plan, i = x, {}, [], 0
+        while i < len(self.layers) - 1:
+            pair = self._fused.get(i)
+            if train and pair is not None and pair.fits(h) and self.names[i] not in (taps or ()):
+                h, step = pair.forward(h), (i, i + 1)         # BatchNorm + pool in one pass
+            else:
+                h, step = self.layers[i].forward(h, train), (i,)
+            plan.append(step)
+            i = step[-1] + 1
+            if taps and self.names[step[-1]] in taps:
+                tapped[self.names[step[-1]]] = h
         logits = self.layers[-1].forward(h, train)
+        if train:
+            self._plan = plan
         return (logits, h) if taps is None else (logits, h, tapped)
 
     def backward(self, dlogits, dfeatures=None, dtaps=None):
@@ -171,7 +184,13 @@ class SmallCNN(_Container):
         unknown = [t for t in dtaps if t not in self.names[:-1]]
         if unknown:
             raise MecrefError(f"dtaps must name layers of {self.names[:-1]}, got {unknown}")
-        for name, layer in zip(reversed(self.names[:-1]), reversed(self.layers[:-1])):
+        plan = self._plan or [(i,) for i in range(len(self.layers) - 1)]
+        inside = [self.names[step[0]] for step in plan if len(step) == 2 and self.names[step[0]] in dtaps]
+        if inside:
+            raise MecrefError(f"dtaps name {inside}, whose output the forward never formed: each "
+                              "runs fused with the pool after it (tap them in forward to keep them)")
+        for step in reversed(plan):
+            name = self.names[step[-1]]
             if name in dtaps:
                 extra = dtaps[name]
                 if not hasattr(extra, "shape") or tuple(extra.shape) != tuple(d.shape):
@@ -179,7 +198,7 @@ class SmallCNN(_Container):
                     raise MecrefError(f"{what} must have the shape of {name}'s output "
                                       f"{tuple(d.shape)}, got {tuple(getattr(extra, 'shape', ()))}")
                 d = d + extra
-            d = layer.backward(d)
+            d = (self._fused[step[0]] if len(step) == 2 else self.layers[step[0]]).backward(d)
         return d
 
     def __repr__(self):
