@@ -324,9 +324,9 @@ def _dry_run(configs, seeds, out_dir, workers=2) -> str:
 
 
 def estimate_seconds(cells, out_dir) -> dict:
-    """How long the given cells (full configurations, as :func:`cell_config` makes them) will
-    take to train, roughly: each cell from the times of the cached cells of its configuration
-    (other seeds) in ``out_dir``, else from a measured step of its kind
+    """How long the given cells (full configurations, as :func:`~mecref.grids.cell_config` makes
+    them) will take to train, roughly: each cell from the times of the cached cells of its
+    configuration (other seeds) in ``out_dir``, else from a measured step of its kind
     (:func:`mecref.train.time_step`, once per kind: quantizer, regulariser, width, batch,
     data) times its steps; the FP32 pretrainings the cells need and that are not cached are
     added. Returns ``dict(seconds, from_cache, measured)``: the total and how many cells each

@@ -241,8 +241,9 @@ def main_grid(epochs: int = 6, bits=MAIN_BITS, settings=None, forms=None, **comm
     ----------
     settings : dict, optional
         Per form label (``"exact"``, ``"Taylor n=4"``, ``"MOE K=4"``, ...; or a regulariser's
-        name), its ``reg_weight``, ``eps`` and parameters: :func:`best_settings` of a sweep on a
-        validation split, never the test set. Missing forms keep :func:`default_settings`.
+        name), its ``reg_weight``, ``eps`` and parameters: :func:`~mecref.summary.best_settings`
+        of a sweep on a validation split, never the test set. Missing forms keep
+        :func:`default_settings`.
     forms : list of str, optional
         The form labels to include (default: every form in the merged settings).
 

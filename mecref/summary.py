@@ -58,7 +58,7 @@ def summarize(out_dir, configs=None) -> list:
     Parameters
     ----------
     out_dir : str or Path
-        A folder written by :func:`run_grid`.
+        A folder written by :func:`~mecref.gridrun.run_grid`.
     configs : list of dict, optional
         Only these configurations, in this order. Default: every cached run, ordered as in the
         ``grid.json`` (configurations not in it follow, by label).
@@ -224,7 +224,7 @@ def best_settings(rows, metric: str = "val_acc_mean") -> dict:
     """Per form (label), the settings of the sweep row with the best validation accuracy.
 
     Returns ``{label: {"reg", "reg_weight", "eps", <the form's parameters>}}`` for each form
-    that has rows with ``metric``: the ``settings`` argument of :func:`main_grid`.
+    that has rows with ``metric``: the ``settings`` argument of :func:`~mecref.grids.main_grid`.
     """
     out = {}
     for r in rows:
