@@ -8,8 +8,8 @@ from the defaults) and one seed. ::
     rows = write_results("runs/main")                  # results.csv + results.json
     print(markdown_table(rows))
 
-This module is the public entry of the grids (every name of ``__all__`` is imported from
-here); the code lives in four modules, one idea each:
+This module is the public entry of the grids: import every name of its ``__all__`` from here.
+The code lives in four modules, one idea each:
 
 ========================  =====================================================================
 :mod:`mecref.grids`       cells (full configuration, key, labels), MEC-Quant's forms and
