@@ -108,7 +108,7 @@ def worker_environ() -> dict:
     glibc's mmap/trim thresholds as the pool sets them (Dask's default trims at 64 kB).
     Threads are pinned in each cell anyway, so the numbers do not depend on it; it makes a
     worker's process the pool's, for comparable seconds per epoch."""
-    from .experiments import _MALLOC_ENV, _WORKER_ENV
+    from .gridcache import _MALLOC_ENV, _WORKER_ENV
     return dict(_WORKER_ENV, **_MALLOC_ENV)
 
 
@@ -150,14 +150,15 @@ def train_cell(full: dict, pre: dict | None = None) -> dict:
     """
     from threadpoolctl import threadpool_limits
 
-    from . import experiments as ex
     from . import threads
-    key = ex._digest(full)
+    from .gridcache import _init_path, _run_cell
+    from .grids import _digest
+    key = _digest(full)
     with tempfile.TemporaryDirectory(prefix=f"mecref-{key}-", dir=_scratch_root()) as tmp:
         init, failed = None, None
         if pre is not None:
             pkey = pre["record"]["key"]
-            init, failed = ex._init_path(tmp, {pkey: pre["record"]}, key, pkey)
+            init, failed = _init_path(tmp, {pkey: pre["record"]}, key, pkey)
             if init is not None:
                 _write_files(Path(tmp), pre["files"])
         if failed is not None:
@@ -165,7 +166,7 @@ def train_cell(full: dict, pre: dict | None = None) -> dict:
         old = threads.set_num_threads(1)
         try:
             with threadpool_limits(limits=1):
-                rec = ex._run_cell(full, tmp, False, init)
+                rec = _run_cell(full, tmp, False, init)
         finally:
             threads.set_num_threads(old)
         folder = Path(tmp, "checkpoints", key)
@@ -204,9 +205,9 @@ def _cached_result(out: Path, rec: dict) -> dict:
 
 
 def _failed_record(full: dict, key: str, why: str) -> dict:
-    from . import experiments as ex
-    return dict(key=key, group=ex.group_key(full), label=ex.method_label(full),
-                bits=ex.bits_label(full), seed=full["seed"], config=full, status="failed",
+    from .grids import bits_label, group_key, method_label
+    return dict(key=key, group=group_key(full), label=method_label(full),
+                bits=bits_label(full), seed=full["seed"], config=full, status="failed",
                 error=f"failed on the cluster, not cached: {why}", history=[],
                 test_acc=None, val_acc=None, seconds=None, seconds_per_epoch=[],
                 checkpoint=None, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -219,7 +220,7 @@ def run_cells(client, jobs, out, records, report):
     Every job is submitted at once (the scheduler spreads them over its workers; a cell that
     starts from a pretraining waits for it); the results are written as they come.
     """
-    from .experiments import _write_json_atomic
+    from .gridcache import _write_json_atomic
     distributed = _distributed()
     out = Path(out)
     tag = uuid.uuid4().hex[:8]

@@ -55,19 +55,19 @@ def test_grid_pretrains_once_per_seed_and_every_method_starts_from_it(tmp_path):
 
 
 def test_a_diverged_pretraining_is_reported_for_every_cell_that_needs_it(tmp_path, monkeypatch):
-    from mecref import experiments
-    real = experiments._run_cell
+    from mecref import gridrun, grids
+    real = gridrun._run_cell        # looked up in mecref.gridrun, where run_grid calls it
 
     def fake(full, out_dir, progress=False, init_from=None):
         if full["quantizer"] == "fp32":
-            rec = dict(key=experiments._digest(full), group="g", label="FP32", bits="FP32",
+            rec = dict(key=grids._digest(full), group="g", label="FP32", bits="FP32",
                        seed=full["seed"], config=full, status="diverged", error="loss is nan",
                        history=[], test_acc=None, val_acc=None, seconds=None,
                        seconds_per_epoch=[], checkpoint=None)
             return rec
         return real(full, out_dir, progress, init_from)
 
-    monkeypatch.setattr(experiments, "_run_cell", fake)
+    monkeypatch.setattr(gridrun, "_run_cell", fake)
     recs = run_grid([dict(TINY, pretrain_epochs=1, quantizer="lsq", reg=None)], [0], tmp_path,
                     workers=1, progress=False)
     assert recs[0]["status"] == "diverged" and "FP32 pretraining" in recs[0]["error"]
