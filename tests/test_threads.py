@@ -123,11 +123,11 @@ def test_split_layers_match_finite_differences(layer_factory, shape, split_alway
 @pytest.mark.parametrize("variant", ["fp32", "w4a4_lsq"])
 @pytest.mark.parametrize("n_threads", [1, 3])
 def test_step_matches_the_outputs_recorded_before_optimisation(variant, n_threads, monkeypatch):
-    """scripts/make_golden_step.py, run on the layers as they were before the threaded
+    """tests/data/make_golden_step.py, run on the layers as they were before the threaded
     element-wise passes, recorded one float64 step; today's layers give the same numbers."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        "make_golden_step", Path(__file__).parents[1] / "scripts" / "make_golden_step.py")
+        "make_golden_step", Path(__file__).parent / "data" / "make_golden_step.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     monkeypatch.setattr(threads, "MIN_ELEMENTS", 0)

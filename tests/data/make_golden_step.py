@@ -4,7 +4,7 @@ layers' results across optimisations (tests/test_threads.py compares against it)
 It uses only the public layer API, so it can be run on an older checkout to record that
 version's outputs::
 
-    PYTHONPATH=/path/to/older/checkout python3 scripts/make_golden_step.py --out tests/data/golden_step.npz
+    PYTHONPATH=/path/to/older/checkout python3 tests/data/make_golden_step.py --out tests/data/golden_step.npz
 
 Recorded: float64, 6 bundled training images, the default widths; for FP32 and W4A4 LSQ the
 logits, the features, the loss and every parameter gradient of one step (the first conv with
