@@ -4,35 +4,54 @@ layers' results across optimisations (tests/test_threads.py compares against it)
 It uses only the public layer API, so it can be run on an older checkout to record that
 version's outputs::
 
-    PYTHONPATH=/path/to/older/checkout python3 tests/data/make_golden_step.py --out tests/data/golden_step.npz
+    PYTHONPATH=/path/to/checkout python3 tests/data/make_golden_step.py --out tests/data/golden_step.npz
 
-Recorded: float64, 6 bundled training images, the default widths; for FP32 and W4A4 LSQ the
-logits, the features, the loss and every parameter gradient of one step (the first conv with
-its input gradient switched on, so the whole backward path is pinned).
+Recorded: float64, 6 bundled training images plus N(0, 0.1^2) noise per pixel, the default
+widths; for FP32 and W4A4 LSQ the logits, the features, the loss and every parameter gradient
+of one step (the first conv with its input gradient switched on, so the whole backward path is
+pinned). The step's decisions are checked clear of ties (golden_setup.py): LSQ's steps are
+rounded to powers of two after their data-driven init, so the quantized GEMMs are exact, and
+the noise leaves no two equal 3x3 patches in the images' flat background, whose FP32
+convolutions would otherwise tie in the max pool up to the kernel's round-off.
+
+The file in the repository was recorded on commit 57d8219 (key ``commit``). Run on 5b0c9e3,
+before the threaded element-wise passes, this script gives the same bits (on one machine with
+OpenBLAS's Haswell kernel).
 """
 import argparse
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import golden_setup  # noqa: E402
 
 VARIANTS = {"fp32": dict(quantizer=None),
             "w4a4_lsq": dict(quantizer="lsq", w_bits=4, a_bits=4, first_last_bits=8)}
 
 
-def step_outputs(variant, n=6, seed=3):
-    from mecref import data, losses, nn
-    ds = data.load_bundled()
-    idx = np.random.default_rng(seed).choice(len(ds.y_train), n, replace=False)
-    x = np.ascontiguousarray(data.normalize(ds.x_train[idx])).astype(np.float64)
-    y = ds.y_train[idx].astype(np.int64)
+def step_outputs(variant, n=6, seed=3, power_of_two=True):
+    """One step of ``variant``; a dict of arrays. Raises golden_setup.TieError when a decision
+    sits within golden_setup.MARGIN of its tie (``power_of_two=False`` keeps LSQ's steps as
+    initialised, which leaves exact-arithmetic ties to the GEMM's rounding)."""
+    from mecref import losses, nn
+    x, y = golden_setup.bundled_batch(n, seed, noise=0.1)
     model = nn.small_cnn(**VARIANTS[variant], seed=seed).astype(np.float64)
     model.layers[0].input_grad = True
     model.forward(x, train=True)                     # LSQ step init, as training does
-    logits, feats = model.forward(x, train=True)
-    loss, cache = losses.softmax_cross_entropy(logits, y)
-    R = np.random.default_rng(seed + 1).standard_normal(feats.shape)
-    dx = model.backward(losses.softmax_cross_entropy_backward(cache), R)
+    if power_of_two:
+        golden_setup.power_of_two_steps(model)
+    R = np.random.default_rng(seed + 1).standard_normal((n, model.layers[-1].params["W"].shape[1]))
+
+    def step():
+        logits, feats = model.forward(x, train=True)
+        loss, cache = losses.softmax_cross_entropy(logits, y)
+        dx = model.backward(losses.softmax_cross_entropy_backward(cache), R)
+        return logits, feats, loss, dx
+
+    (logits, feats, loss, dx), rows = golden_setup.decisions(model, step)
+    golden_setup.assert_clear(rows)
     out = {"x": x, "y": y, "logits": logits, "features": feats, "loss": np.asarray(loss),
            "dfeatures": R, "dx": dx}
     for name, layer, key in model.named_params():
@@ -44,16 +63,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    import mecref
-    rev = subprocess.run(["git", "-C", mecref.__path__[0], "rev-parse", "HEAD"],
-                         capture_output=True, text=True).stdout.strip()
-    arrays = {"commit": np.asarray(rev)}
-    for v in VARIANTS:
-        for k, a in step_outputs(v).items():
-            arrays[f"{v}/{k}"] = np.asarray(a)
-    np.savez_compressed(args.out, **arrays)
-    print(f"wrote {args.out} from mecref at {mecref.__path__[0]} (commit {rev or 'unknown'})",
-          file=sys.stderr)
+    golden_setup.write(args.out, {f"{v}/{k}": a for v in VARIANTS for k, a in step_outputs(v).items()})
 
 
 if __name__ == "__main__":
