@@ -18,17 +18,18 @@ under Prescott's or Sandybridge's. So:
   in any summation order, and outputs equal in exact arithmetic are equal in every kernel
   (given the same codes, which the check below makes sure of): exact ties, which the
   first-match rule of the max pool decides the same everywhere.
-- :func:`decisions` runs the step's forward and measures every decision's distance to its
-  tie: each quantizer input ``v = x / s`` (weights and activations) at least ``MARGIN`` steps
-  from every half-integer and from Qn and Qp (exact zeros excepted: a ReLU's output, the same
-  in every kernel); in each max-pool window, every value below the max at least ``MARGIN``
-  times the layer's largest |value| below it, or else bit-equal to it and out of an exact GEMM
-  (BatchNorm between them maps equal values to equal values: the same subtraction and
-  multiply-add per element); each ReLU input, and each window max of a ReLU pool, at least
-  that far from 0. Another BLAS kernel or thread count moves these float64 values by ~1e-15
-  relative (the windows that flipped between kernels with LSQ's own steps were 5e-16 of the
-  layer's largest value apart at most), far inside ``MARGIN``, so no decision can flip: the
-  check, passing on one machine, shows that the step is the same under every kernel.
+- :func:`decisions` runs the step's forward layer by layer and measures every decision's
+  distance to its tie: each quantizer input ``v = x / s`` (weights and activations) at least
+  ``MARGIN`` steps from every half-integer and from Qn and Qp (exact zeros excepted: a ReLU's
+  output, the same in every kernel); in each max-pool window, every value below the max at
+  least ``MARGIN`` times the layer's largest |value| below it, or else bit-equal to it and out
+  of an exact GEMM (BatchNorm between them maps equal values to equal values: the same
+  subtraction and multiply-add per element); each ReLU input, and each window max of a ReLU
+  pool, at least that far from 0. Another BLAS kernel or thread count moves these float64
+  values by ~1e-15 relative (the windows that flipped between kernels with LSQ's own steps
+  were 5e-16 of the layer's largest value apart at most), far inside ``MARGIN``, so no
+  decision can flip: the check, passing on one machine, shows that the step is the same
+  under every kernel.
 """
 import subprocess
 import sys
@@ -98,29 +99,19 @@ def _pool_margins(x, relu):
     return near, ties, sign
 
 
-def decisions(model, run):
-    """Run ``run()`` (a step that calls ``model.forward`` in train mode) with every layer's
-    input recorded, and measure each decision's distance to its tie (see the module's
-    docstring). Returns ``(run's result, rows)``, one row ``(layer, what, margin, ok)`` per
-    quantizer, pool and ReLU of each forward."""
+def decisions(model, x):
+    """Measure each decision of a train-mode forward of ``x`` through ``model`` (see the
+    module's docstring): ``x`` goes through ``model.layers`` one at a time, as the step's own
+    forward does; where that forward runs a BatchNorm and its max pool fused (pooling
+    ``sign(gamma) (x - mu)``, then ``|A| m + beta``), its windows tie where these do and its
+    gaps are these times ``|A|``, so the relative margins are the same. Changes only the
+    BatchNorms' running statistics, which the step does not read. Returns rows ``(layer, what,
+    margin, ok)``, one per quantizer, pool and ReLU."""
     from mecref import nn, quant
     names = getattr(model, "names", [f"layer{i}" for i in range(len(model.layers))])
-    seen = []
-    for i, layer in enumerate(model.layers):
-        def recorded(x, train=True, *args, _forward=layer.forward, _i=i, **kw):
-            seen.append((_i, x, {k: np.array(v) for k, v in model.layers[_i].params.items()}))
-            return _forward(x, train, *args, **kw)
-        layer.forward = recorded
-    try:
-        result = run()
-    finally:
-        for layer in model.layers:
-            del layer.forward                # the class's method again
-    rows = []
-    for i, x, params in seen:
-        layer, name = model.layers[i], names[i]
-        if i == 0:
-            exact = True                     # the images: the same bits on every machine
+    rows, exact = [], True                   # the images: the same bits on every machine
+    for name, layer in zip(names, model.layers):
+        params = layer.params
         if "s_w" in params:
             Qn, Qp = quant.qrange(layer.w_bits, True)
             m = _quantizer_margin(params["W"] / params["s_w"], Qn, Qp)
@@ -143,7 +134,8 @@ def decisions(model, run):
         if "W" in params:                    # a conv or linear layer: is its output exact?
             exact = "s_w" in params and "s_a" in params and all(
                 _is_power_of_two(params[k]) for k in ("s_w", "s_a"))
-    return result, rows
+        x = layer.forward(x, True)
+    return rows
 
 
 def assert_clear(rows):
