@@ -19,7 +19,7 @@ __all__ = [
     "MecrefError", "BackendUnavailableError", "BACKENDS",
     "get_xp", "array_module", "backend_name", "to_host", "to_backend",
     "cupy_usable", "default_dtype", "scipy_blas_single_thread", "cupy_stand_in",
-    "cupyx_module", "row_dot",
+    "cupyx_module", "row_dot", "MALLOC_ENV",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -243,3 +243,10 @@ def cpu_model():
         pass
     import platform
     return platform.processor() or None
+
+
+# glibc's allocator settings for a process that allocates the same large arrays step after
+# step (the grid's workers start with them): a freed block up to 32 MiB stays in the heap for
+# reuse instead of being a fresh mmap that page-faults in again
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+

@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))     # this checkout's mecref, installed or not
+from mecref.backend import MALLOC_ENV  # noqa: E402  (the allocator settings timed in `data`)
 EXPORT_JSON = ROOT / "docs" / "results" / "export.json"
 DATA_JSON = ROOT / "docs" / "results" / "data.json"
 EXPORT_MD = ROOT / "docs" / "export.md"
@@ -177,7 +178,6 @@ for _ in range(reps):
     t0 = time.perf_counter(); f(); t.append(time.perf_counter() - t0)
 print(json.dumps(dict(median_ms=float(np.median(t)) * 1e3, reps=reps)))
 """
-MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
 
 
 def _time(what, reps, extra_env=None) -> dict:
