@@ -15,6 +15,8 @@ the order-4 Taylor MEC of the two views' features, SGD with momentum and weight 
   learning rates, and the same evaluation. Interleaved A/B.
 - ``conv_input_grad``: each conv's input gradient as mecref computes it (scatter fold) and in
   the gather form, at the step's shapes (benchmarks/conv_grad.py).
+- ``gemm_layout``: how each conv GEMM's operands reach BLAS (row-major, or a transposed view
+  read with BLAS's transpose flag) and the time against row-major copies (benchmarks/gemm_layout.py).
 - ``floor``: the GEMM floor of the step: its GEMMs (im2col form, counted as in
   benchmarks/gemm.py, for a batch of 256) run alone as plain NumPy matmuls of the same shapes,
   timed in the same interleaved rounds as the two steps; and how far above it each library's
@@ -32,6 +34,7 @@ import numpy as np
 
 from . import common
 from . import conv_grad
+from . import gemm_layout
 from . import gemm as gemm_bench
 from . import torch_ref
 
@@ -237,6 +240,7 @@ def run(torch, quick=False, lead=0.002, log=print):
     out["step"], out["floor"] = time_steps(torch, cfg, xb, yb, reps, warmup, lead)
 
     out["conv_input_grad"] = conv_grad.run(2 * B, 3 if quick else 21, log=log)
+    out["gemm_layout"] = gemm_layout.run(2 * B, 3 if quick else 15, log=log)
 
     ecfg = config(epochs=1, batch_size=B, train_limit=4 * B if quick else None)
     eds = ds if not quick else dataclasses.replace(ds, x_test=ds.x_test[:100], y_test=ds.y_test[:100])

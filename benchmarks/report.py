@@ -153,7 +153,7 @@ def plot_moe_map(doc, path):
         xs = np.linspace(-0.5, len(ms) - 0.5, 50)
         m_at = np.exp(np.interp(xs, range(len(ms)), np.log(ms), left=np.nan, right=np.nan))
         y_at = np.interp(np.log(m_at / K), np.log(ds), range(len(ds)), left=np.nan, right=np.nan)
-        ax.plot(xs, y_at, color="k", ls="--", lw=1, label=f"m / K = d")
+        ax.plot(xs, y_at, color="k", ls="--", lw=1, label="m / K = d")
         ax.set_xticks(range(len(ms)), [str(m) for m in ms])
         ax.set_yticks(range(len(ds)), [str(d) for d in ds])
         ax.set_xlabel("batch size m (rows)")
@@ -274,7 +274,7 @@ def render(doc, json_path=None, img_rel="img"):
           f"PyTorch {mach.get('torch') or 'not installed'}, mecref {mach.get('mecref')}; {mach['platform']}",
           f"- NumPy BLAS: {blas.get('name', '?')} {blas.get('version', '')} "
           f"({blas.get('openblas configuration', '').strip()})",
-          f"- Thread pools (threadpoolctl): " + "; ".join(
+          "- Thread pools (threadpoolctl): " + "; ".join(
               f"{p.get('internal_api')} {p.get('version') or ''} {p.get('num_threads')} threads "
               f"[{os.path.basename(str(p.get('filepath', '')))}]" for p in mach.get("thread_pools", [])),
           f"- Threads: NumPy's BLAS has {thr['numpy_blas_threads']} ({thr['numpy_blas_threads_from']}); "
@@ -364,8 +364,9 @@ def _step_md(rec):
                                for v in layered for part in ("forward", "backward")])
         L += ["", "Where a mecref step spends its time, layer by layer (medians of each layer's "
               "train-mode forward, and of its backward right after it, on the activations and "
-              "gradients of a real step; conv1's backward computes no input gradient, except the "
-              "quantized conv1's, whose input step needs it):", "",
+              "gradients of a real step; a BatchNorm and the max pool after it run as one fused "
+              "unit, `bn1+pool1`, as in the step (docs/derivations.md N11); conv1's backward computes "
+              "no input gradient, except the quantized conv1's, whose input step needs it):", "",
               _md_table(head, rows)]
     L += _blas_timeout_md(rec.get("blas_timeout_default"))
     return L + ["", _cmd(rec), ""]
@@ -436,6 +437,22 @@ def _main_md(rec):
                  + ". mecref uses the fold for every layer: in the small CNN each layer has F = 2C "
                  "(or C = 1, conv1, whose dx only the quantized input step needs), so the gather "
                  "unfolds twice the rows (sixteen times for conv1) that the fold writes.")
+    gl = rec.get("gemm_layout")
+    if gl:
+        worst = max(gl["rows"], key=lambda r: abs(r["ratio"] - 1))
+        L += ["", f"**The GEMMs' operand layouts** (benchmarks/gemm_layout.py): each conv GEMM of a main-job "
+              f"step at batch {gl['batch']}, its operands as the layer hands them to `np.matmul` (*C*: "
+              "row-major; *T*: the transpose of a row-major array, which NumPy passes to BLAS with the "
+              "transpose flag, no copy; *copy*: other strides, copied first), timed against the same "
+              f"product on row-major copies made beforehand ({gl['reps']} interleaved reps; the "
+              "operands come from a real step, each product checked against the layer's):", "",
+              _md_table(["layer", "GEMM", "m x k x n", "A", "B", "as used ms", "row-major ms", "as used / row-major"],
+                        [[r["layer"], r["gemm"], r["shape"], r["a"], r["b"], f"{r['as_used_ms']:.2f}",
+                          f"{r['row_major_ms']:.2f}", _x(r["ratio"])] for r in gl["rows"]]),
+              "", ("No operand is copied before its GEMM" if all(r["a"] != "copy" and r["b"] != "copy" for r in gl["rows"])
+                   else "Some operands are copied before their GEMM")
+              + f"; the layouts cost at most {abs(worst['ratio'] - 1):.0%} ({worst['layer']} {worst['gemm']}) "
+              "against row-major operands in this run."]
     prof = rec["step"].get("profile")
     if prof:
         L += ["", "cProfile of the mecref main-job step (top functions by own time):", "",
@@ -651,9 +668,9 @@ def _main_gap_md(res, missed):
                  f"of the {mec - floor:.1f} ms outside the GEMMs")
     layers = _get(res, "step", "variants", "w4a4_lsq", "layers")
     line += (". The profile of section 1b names where: the GEMMs inside `_conv_backward` and "
-             "`_conv_forward`, then col2im's `fold`, max pool (`pool`, `route`), im2col "
-             "(`copy_windows`), BatchNorm (`normalize`, `backward`, the `einsum` row sums) and the "
-             "LSQ quantizers, each a few passes over an activation-sized array.")
+             "`_conv_forward`, then col2im's `fold`, BatchNorm with the max pool after it (the two "
+             "`kernel`s of `mecref/nn/fused.py`, the `einsum` row sums), im2col (`copy_windows`) and "
+             "the LSQ quantizers, each a few passes over an activation-sized array.")
     if layers:
         line += " The per-layer table of section 1 (W4A4 LSQ, the same layers) splits it by layer."
     return [line, ""]

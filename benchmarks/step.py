@@ -115,36 +115,53 @@ def check(torch, variant, n, seed=1):
                 grad_rel_diff_worst=rel[worst], grad_rel_diff_worst_param=worst)
 
 
+def train_units(model, x):
+    """(name, unit) in the order a train step runs them: each layer, and each BatchNorm with
+    the max pool after it as the one fused unit SmallCNN runs (derivations N11)."""
+    units, h, i = [], x, 0
+    while i < len(model.layers):
+        pair = getattr(model, "_fused", {}).get(i)
+        if pair is not None and pair.fits(h):
+            units.append((f"{model.names[i]}+{model.names[i + 1]}", pair))
+            i += 2
+        else:
+            units.append((model.names[i], model.layers[i]))
+            i += 1
+        h = units[-1][1].forward(h, train=True)
+    return units
+
+
 def layer_times(model, x, y, reps):
-    """Median time of each mecref layer's train-mode forward and backward inside a step, on
-    the activations and gradients of one real step (each backward timed right after an untimed
-    forward of that layer, which sets its cache)."""
+    """Median time of each unit's train-mode forward and backward inside a step (a layer, or
+    a fused BatchNorm + pool), on the activations and gradients of one real step (each
+    backward timed right after an untimed forward of that unit, which sets its cache)."""
     from mecref import losses
 
+    units = train_units(model, x)
     acts, h = [], x
-    for layer in model.layers:
+    for _, unit in units:
         acts.append(h)
-        h = layer.forward(h, train=True)
+        h = unit.forward(h, train=True)
     _, cache = losses.softmax_cross_entropy(h, y)
-    douts, d = [None] * len(model.layers), losses.softmax_cross_entropy_backward(cache, 1.0)
-    for i in reversed(range(len(model.layers))):
+    douts, d = [None] * len(units), losses.softmax_cross_entropy_backward(cache, 1.0)
+    for i in reversed(range(len(units))):
         douts[i] = d
-        model.layers[i].forward(acts[i], train=True)
-        d = model.layers[i].backward(d)
+        units[i][1].forward(acts[i], train=True)
+        d = units[i][1].backward(d)
         if d is None:
             break
     rows = []
-    for name, layer, a, g in zip(model.names, model.layers, acts, douts):
+    for (name, unit), a, g in zip(units, acts, douts):
         fwd, bwd = [], []
         for _ in range(reps):
             t0 = time.perf_counter()
-            layer.forward(a, train=True)
+            unit.forward(a, train=True)
             t1 = time.perf_counter()
-            layer.backward(g)
+            unit.backward(g)
             t2 = time.perf_counter()
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-        rows.append(dict(layer=name, kind=type(layer).__name__, forward=common.stats(fwd),
+        rows.append(dict(layer=name, kind=type(unit).__name__, forward=common.stats(fwd),
                          backward=common.stats(bwd)))
     return rows
 

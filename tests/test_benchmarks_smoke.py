@@ -100,6 +100,11 @@ def test_quick_run_without_torch(doc_without_torch):
     # the gather form of the conv input gradient (benchmarks/conv_grad.py) is the fold's dx
     assert [r["layer"] for r in main["conv_input_grad"]] == ["conv1", "conv2", "conv3"]
     assert all(r["float64_rel_diff"] < 1e-13 for r in main["conv_input_grad"])
+    # every conv GEMM of the step, its operands as the layer hands them to BLAS: none copied
+    assert [(r["layer"], r["gemm"]) for r in main["gemm_layout"]["rows"]] == [
+        ("conv1", "forward"), ("conv1", "dW"), ("conv2", "forward"), ("conv2", "dW"), ("conv2", "dcols"),
+        ("conv3", "forward"), ("conv3", "dW"), ("conv3", "dcols")]
+    assert {(r["a"], r["b"]) for r in main["gemm_layout"]["rows"]} == {("C", "C"), ("C", "T")}
     f = main["floor"]   # paired per round: share = above / (1 + above) is monotone, so the
     # medians over an odd number of rounds map onto each other exactly
     assert f["floor_stats"]["n"] % 2 == 1
@@ -162,7 +167,7 @@ def test_report_writes_markdown_and_plot(doc_without_torch, tmp_path):
     png = tmp_path / "img" / report.SCALING_PNG
     assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"](img/{report.SCALING_PNG})" in text
-    assert "## 1b. The main job" in text and "GEMM floor" in text
+    assert "## 1b. The main job" in text and "GEMM floor" in text and "operand layouts" in text
     data = json.loads((tmp_path / "img" / report.SCALING_JSON).read_text())
     assert data["command"] == "python -m benchmarks --only entropy --quick" and len(data["points"]) == 4
 
