@@ -439,7 +439,7 @@ def _main_md(rec):
                  "unfolds twice the rows (sixteen times for conv1) that the fold writes.")
     gl = rec.get("gemm_layout")
     if gl:
-        worst = max(gl["rows"], key=lambda r: abs(r["ratio"] - 1))
+        lo, hi = min(r["ratio"] for r in gl["rows"]), max(r["ratio"] for r in gl["rows"])
         L += ["", f"**The GEMMs' operand layouts** (benchmarks/gemm_layout.py): each conv GEMM of a main-job "
               f"step at batch {gl['batch']}, its operands as the layer hands them to `np.matmul` (*C*: "
               "row-major; *T*: the transpose of a row-major array, which NumPy passes to BLAS with the "
@@ -451,8 +451,8 @@ def _main_md(rec):
                           f"{r['row_major_ms']:.2f}", _x(r["ratio"])] for r in gl["rows"]]),
               "", ("No operand is copied before its GEMM" if all(r["a"] != "copy" and r["b"] != "copy" for r in gl["rows"])
                    else "Some operands are copied before their GEMM")
-              + f"; the layouts cost at most {abs(worst['ratio'] - 1):.0%} ({worst['layer']} {worst['gemm']}) "
-              "against row-major operands in this run."]
+              + f"; as used / row-major runs from {lo:.2f} to {hi:.2f} in this run (above 1: the layout "
+              "costs time; below 1: it saves some)."]
     prof = rec["step"].get("profile")
     if prof:
         L += ["", "cProfile of the mecref main-job step (top functions by own time):", "",
