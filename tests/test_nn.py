@@ -304,8 +304,9 @@ def test_small_cnn_runs_batchnorm_and_pool_fused_in_train_mode(rng):
     for layer in reversed(model.layers):
         d = layer.backward(d)
     ref = {name: layer.grads[key].copy() for name, layer, key in model.named_params()}
-    for taps in (None, ("bn1",)):
+    for taps, plan in ((None, [(0,), (1, 2), (3,), (4, 5)]), (("bn1",), [(0,), (1,), (2,), (3,), (4, 5)])):
         out = model.forward(x, train=True, taps=taps)
+        assert model._plan[:len(plan)] == plan             # the pairs that ran fused
         np.testing.assert_allclose(out[0], h, rtol=0, atol=1e-12)
         model.backward(R)
         for name, layer, key in model.named_params():
