@@ -422,18 +422,24 @@ def _main_md(rec):
           "says how far its step is above *NumPy's* floor, for comparison only."]
     cg = rec.get("conv_input_grad")
     if cg:
-        L += ["", "**The input gradient of a stride-1 convolution, fold or gather** (docs/derivations.md "
+        offsets = all("offsets" in r for r in cg)    # a JSON from before the offsets form has none
+        head = ["layer", "C -> F", "size", "fold ms", "gather ms"] + (["offsets ms"] if offsets else []) \
+            + ["gather / fold"] + (["offsets / fold"] if offsets else []) + ["float64 rel. diff"]
+        rows = [[r["layer"], f"{r['C']} -> {r['F']}", f"{r['H']}x{r['H']}", _ms(r["fold"]), _ms(r["gather"])]
+                + ([_ms(r["offsets"])] if offsets else []) + [_x(r["gather_over_fold"])]
+                + ([_x(r["offsets_over_fold"])] if offsets else []) + [f"{r['float64_rel_diff']:.0e}"] for r in cg]
+        L += ["", "**The input gradient of a stride-1 convolution, three ways** (docs/derivations.md "
               "N1): mecref scatters the column gradient back with col2im (*fold*); the *gather* form "
               "unfolds the padded output gradient and multiplies it by the flipped kernel, one GEMM "
-              "and no scatter, but F k k rows of columns instead of C k k. Both at this step's shapes, "
-              "interleaved (benchmarks/conv_grad.py; they agree to the float64 difference shown):", "",
-              _md_table(["layer", "C -> F", "size", "fold ms", "gather ms", "gather / fold", "float64 rel. diff"],
-                        [[r["layer"], f"{r['C']} -> {r['F']}", f"{r['H']}x{r['H']}", _ms(r["fold"]),
-                          _ms(r["gather"]), _x(r["gather_over_fold"]), f"{r['float64_rel_diff']:.0e}"]
-                         for r in cg]),
-              ""]
-        faster = [f"{r['layer']} ({r['gather_over_fold']:.2f})" for r in cg if r["gather_over_fold"] < 1]
-        L.append("In this run the gather was faster for " + (", ".join(faster) if faster else "no layer")
+              "and no scatter, but F k k rows of columns instead of C k k"
+              + ("; the *offsets* form runs one GEMM per kernel offset and adds each C-row block, "
+                 "shifted, into dx, with no column array" if offsets else "")
+              + ". All at this step's shapes, interleaved (benchmarks/conv_grad.py; they agree with the "
+              "fold to the float64 difference shown, the worst of the forms):", "",
+              _md_table(head, rows), ""]
+        keys = ["gather"] + (["offsets"] if offsets else [])
+        faster = [f"{r['layer']} {k} ({r[f'{k}_over_fold']:.2f})" for r in cg for k in keys if r[f"{k}_over_fold"] < 1]
+        L.append("In this run the fold was beaten " + ("by: " + ", ".join(faster) if faster else "at no layer")
                  + ". mecref uses the fold for every layer: in the small CNN each layer has F = 2C "
                  "(or C = 1, conv1, whose dx only the quantized input step needs), so the gather "
                  "unfolds twice the rows (sixteen times for conv1) that the fold writes.")
