@@ -289,6 +289,20 @@ def test_fused_batchnorm_pool_routes_ties_like_the_pool(levels, relu, seed):
     assert xs.shape == (3, 2, 2, 2, 3, 4)
 
 
+def test_fused_batchnorm_pool_refuses_what_it_cannot_run(rng):
+    pair = BatchNormPool(_bn(2, [1.0, 1.0], [0.0, 0.0]), nn.MaxPool2d(relu=True))
+    with pytest.raises(MecrefError, match="train mode only"):
+        pair.forward(rng.standard_normal((2, 2, 4, 4)), train=False)
+    with pytest.raises(MecrefError, match="even H and W"):
+        pair.forward(rng.standard_normal((2, 2, 5, 4)))
+    with pytest.raises(MecrefError, match="2 channels"):
+        pair.forward(rng.standard_normal((2, 3, 4, 4)))
+    with pytest.raises(MecrefError, match="needs a forward"):
+        BatchNormPool(_bn(2, [1.0, 1.0], [0.0, 0.0]), nn.MaxPool2d()).backward(np.zeros((2, 2, 2, 2)))
+    with pytest.raises(TypeError, match="a BatchNorm2d and a MaxPool2d"):
+        BatchNormPool(nn.MaxPool2d(), nn.MaxPool2d())
+
+
 def test_small_cnn_runs_batchnorm_and_pool_fused_in_train_mode(rng):
     """SmallCNN's train step (fused pairs) equals its layers run one by one; tapping a
     BatchNorm keeps that pair apart; a gradient for a fused BatchNorm's output is refused."""
