@@ -26,11 +26,11 @@ CONVS = ((1, 28, 16), (16, 14, 32), (32, 7, 64))   # (C_in, H = W, F) of conv1..
 def fold_dx(W, dy, x_shape, bufs):
     """mecref's path: the offset-major column gradient, then col2im."""
     from mecref.nn import _cm, col2im
+    from mecref.nn.conv import offset_major
     F, C, k, _ = W.shape
     N, _, H, Wd = x_shape
     dY = _cm(dy).reshape(F, -1)
-    W_offsets = W.transpose(2, 3, 1, 0).reshape(k * k * C, F)
-    dcols = np.matmul(W_offsets, dY, out=bufs["dcols"])
+    dcols = np.matmul(offset_major(W), dY, out=bufs["dcols"])
     return col2im(dcols.reshape(k * k * C, N, H * Wd).swapaxes(0, 1), x_shape, k, 1, 1,
                   dxpad=bufs["dxpad"], rows=bufs["rows"])
 

@@ -35,6 +35,7 @@ def operands(model, x):
     train-mode forward and backward of ``model`` on ``x``; each product is checked against the
     layer's own output or gradient first."""
     from mecref.nn import Conv2d, _cm
+    from mecref.nn.conv import offset_major
     convs = [(n, l) for n, l in zip(model.names, model.layers) if isinstance(l, Conv2d)]
     seen = {}
 
@@ -55,11 +56,11 @@ def operands(model, x):
     out = {}
     for name, layer in convs:
         cols, W, _, _ = layer._cache                        # W: the (fake-quantized) weight used
-        F, C, k = W.shape[:3]
+        F = W.shape[0]
         dY = _cm(seen[(name, "dy")]).reshape(F, -1)
         pairs = {"forward": (W.reshape(F, -1), cols), "dW": (dY, cols.T)}
         if layer.input_grad:
-            pairs["dcols"] = (W.transpose(2, 3, 1, 0).reshape(k * k * C, F), dY)
+            pairs["dcols"] = (offset_major(W), dY)
         y = _cm(seen[(name, "y")]).reshape(F, -1)
         np.testing.assert_allclose(pairs["forward"][0] @ pairs["forward"][1], y, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose((dY @ cols.T).reshape(W.shape), seen[(name, "dW")][0], rtol=1e-4, atol=1e-5)

@@ -60,6 +60,14 @@ def im2col(x, k, stride, padding, out=None, xpad=None):
     return out.reshape(C * k * k, N, Ho * Wo).swapaxes(0, 1)
 
 
+def offset_major(W):
+    """The kernel as the column gradient's GEMM operand: ``W (F, C, k, k) -> (k k C, F)``, row
+    ``(i, j, c)`` holding ``W[:, c, i, j]``, so ``offset_major(W) @ dY`` is the offset-major
+    ``dcols`` that :func:`col2im` folds (N1). A small copy (the kernel's size)."""
+    F, C, k, _ = W.shape
+    return W.transpose(2, 3, 1, 0).reshape(k * k * C, F)
+
+
 def col2im(dcols, x_shape, k, stride, padding, dxpad=None, rows=None):
     """Fold column gradients back onto the image: the adjoint of :func:`im2col` (N1).
 
@@ -218,8 +226,7 @@ class Conv2d(Layer):
             self.grads["b"] = dY.sum(axis=1)
         if not need_dx:
             return dW, None
-        W_offsets = W.transpose(2, 3, 1, 0).reshape(k * k * C, F)      # rows (i, j, c)
-        dcols = xp.matmul(W_offsets, dY, out=self._buffer(xp, "dcols", (k * k * C, N * Ho * Wo), dy.dtype))
+        dcols = xp.matmul(offset_major(W), dY, out=self._buffer(xp, "dcols", (k * k * C, N * Ho * Wo), dy.dtype))
         H, Wd = x_shape[2:]
         p = self.padding
         dxpad = self._buffer(xp, "dxpad", (C, N, H + 2 * p, Wd + 2 * p), dy.dtype)
