@@ -116,19 +116,13 @@ def check(torch, variant, n, seed=1):
 
 
 def train_units(model, x):
-    """(name, unit) in the order a train step runs them: each layer, and each BatchNorm with
-    the max pool after it as the one fused unit SmallCNN runs (derivations N11)."""
-    units, h, i = [], x, 0
-    while i < len(model.layers):
-        pair = getattr(model, "_fused", {}).get(i)
-        if pair is not None and pair.fits(h):
-            units.append((f"{model.names[i]}+{model.names[i + 1]}", pair))
-            i += 2
-        else:
-            units.append((model.names[i], model.layers[i]))
-            i += 1
-        h = units[-1][1].forward(h, train=True)
-    return units
+    """(name, unit) in the order a train step runs them, as the model's own train forward on
+    ``x`` planned them: each layer, and each BatchNorm with the max pool after it as the one
+    fused unit SmallCNN runs (derivations N11)."""
+    model.forward(x, train=True)
+    return [(model.names[s[0]], model.layers[s[0]]) if len(s) == 1 else
+            ("+".join(model.names[i] for i in s), model._fused[s[0]]) for s in model._plan] \
+        + [(model.names[-1], model.layers[-1])]
 
 
 def layer_times(model, x, y, reps):
