@@ -108,8 +108,9 @@ def worker_environ() -> dict:
     glibc's mmap/trim thresholds as the pool sets them (Dask's default trims at 64 kB).
     Threads are pinned in each cell anyway, so the numbers do not depend on it; it makes a
     worker's process the pool's, for comparable seconds per epoch."""
-    from .gridcache import _MALLOC_ENV, _WORKER_ENV
-    return dict(_WORKER_ENV, **_MALLOC_ENV)
+    from .backend import MALLOC_ENV
+    from .gridcache import _WORKER_ENV
+    return dict(_WORKER_ENV, **MALLOC_ENV)
 
 
 def cluster_workers(client) -> int:

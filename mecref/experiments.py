@@ -45,7 +45,7 @@ from .summary import (best_row, best_settings, load_runs, markdown_table, plot_s
 # Also importable from here: names outside __all__ that other modules, scripts and tests
 # take from mecref.experiments. Each lives in the module it is imported from, where the calls
 # look it up: a test that patches one patches it there.
-from .gridcache import _MALLOC_ENV, _WORKER_ENV, _init_path, _run_cell  # noqa: F401
+from .gridcache import _WORKER_ENV, _init_path, _run_cell  # noqa: F401
 from .gridrun import estimate_seconds  # noqa: F401
 from .grids import _check_bits_list, _digest  # noqa: F401
 

@@ -29,13 +29,12 @@ import os
 import time
 from pathlib import Path
 
-from .backend import MALLOC_ENV, MecrefError, cpu_model
+from .backend import MecrefError, cpu_model
 from .checkpoint import write_atomic
 from .grids import _digest, _key_view, bits_label, cell_config, group_key, method_label
 
 _WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "MECREF_NUM_THREADS": "1"}
-_MALLOC_ENV = MALLOC_ENV      # the workers start with it
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import MecrefError
-from .gridcache import (_MALLOC_ENV, _WORKER_ENV, _dataset, _init_path, _load_record,
+from .backend import MALLOC_ENV, MecrefError
+from .gridcache import (_WORKER_ENV, _dataset, _init_path, _load_record,
                         _record_grid, _run_cell)
 from .grids import _digest, bits_label, cell_config, group_key, method_label, pretrain_cell
 from .validate import check_int
@@ -202,7 +202,7 @@ def _worker_environment():
     """Environment the spawned workers inherit: one BLAS thread each (see module docstring)."""
     saved = dict(os.environ)
     os.environ.update(_WORKER_ENV)
-    for k, v in _MALLOC_ENV.items():
+    for k, v in MALLOC_ENV.items():
         os.environ.setdefault(k, v)
     try:
         yield
