@@ -90,9 +90,7 @@ class BatchNormPool(Layer):
         xp = array_module(x)
         N, C, H, W = x.shape
         Ho, Wo, M = H // 2, W // 2, N * H * W
-        if M < 2:
-            raise MecrefError(f"BatchNorm2d in train mode needs more than one value per channel, "
-                              f"got x of shape {tuple(x.shape)}")
+        bn._check_train_batch(x)
         xcm = xp.ascontiguousarray(_cm(x))                          # (C, N, H, W): a view if channel-major
         x2, x6 = xcm.reshape(C, M), xcm.reshape(C, N, Ho, 2, Wo, 2)  # x6[..., a, :, b]: window position (a, b)
         gamma, beta, relu = bn.params["gamma"], bn.params["beta"], self.pool.relu

@@ -168,9 +168,7 @@ class BatchNorm2d(Layer):
             y = x2 * scale[:, None]
             y += shift[:, None]
             return _cm(y.reshape(C, N, H, W))
-        if M < 2:
-            raise MecrefError(f"BatchNorm2d in train mode needs more than one value per channel, "
-                              f"got x of shape {tuple(x.shape)}")
+        self._check_train_batch(x)
         mu, var = xp.empty(C, dtype=x.dtype), xp.empty(C, dtype=x.dtype)
         xc = self._buffer(xp, "xc", x2.shape, x.dtype)              # x - mu
         t = xp.empty(C, dtype=x.dtype)                             # (sigma^2 + eps)^(-1/2)
@@ -188,6 +186,13 @@ class BatchNorm2d(Layer):
         self._update_running(mu, var, M)
         self._cache = (xc, t, x.shape)
         return _cm(y.reshape(C, N, H, W))
+
+    @staticmethod
+    def _check_train_batch(x):
+        """Train mode's batch statistics need more than one value per channel (M = N H W)."""
+        if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            raise MecrefError(f"BatchNorm2d in train mode needs more than one value per channel, "
+                              f"got x of shape {tuple(x.shape)}")
 
     def _update_running(self, mu, var, M):
         """``r <- (1 - momentum) r + momentum * batch``, the variance unbiased (M / (M - 1))."""
